@@ -1,0 +1,97 @@
+"""Tiny models and a byte-level tokenizer built in-process, saved as real model folders.
+
+Every folder written here is what `mlx_lm.load` reads (config.json, model.safetensors,
+tokenizer.json, tokenizer_config.json), so tests exercise the real loading paths offline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Per-architecture tiny configs (HF config.json keys; mlx-lm reads the same file).
+ARCHS = {
+    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64,
+                  num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  tie_word_embeddings=False, max_position_embeddings=512),
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=64,
+                  num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                  tie_word_embeddings=True, max_position_embeddings=512),
+    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=64,
+                  num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                  tie_word_embeddings=True, max_position_embeddings=512),
+    "gemma2": dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], hidden_size=64,
+                   num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
+                   query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0, max_position_embeddings=512),
+    "phi3": dict(model_type="phi3", architectures=["Phi3ForCausalLM"], hidden_size=64,
+                 num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 max_position_embeddings=512, original_max_position_embeddings=512),
+}
+
+
+def make_tokenizer(path: Path) -> None:
+    """A byte-level BPE tokenizer with no merges (every byte is a token) plus ChatML specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "unk_token": None, "chat_template": CHATML, "model_max_length": 512,
+    }, indent=1))
+
+
+VOCAB_SIZE = len(SPECIALS) + 256
+
+
+def make_model(path: Path, arch: str = "llama", quantize: int | None = None, seed: int = 0,
+               group_size: int = 32, **overrides) -> Path:
+    """Write a tiny random model of `arch` (float32, or quantized to `quantize` bits) with tokenizer."""
+    from mlx_lm.utils import _get_classes
+
+    config = dict(ARCHS[arch], vocab_size=VOCAB_SIZE, torch_dtype="float32",
+                  eos_token_id=SPECIALS.index("<|im_end|>"), bos_token_id=None, pad_token_id=0)
+    config.update(overrides)
+    model_cls, args_cls = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_cls(args_cls.from_dict(config))
+    # Larger-than-default init so a test can see outputs change.
+    params = [(k, (mx.random.normal(v.shape) * 0.08).astype(mx.float32)) if v.ndim >= 2 else (k, v)
+              for k, v in tree_flatten(model.parameters())]
+    model.load_weights(params)
+    if quantize:
+        nn.quantize(model, group_size=group_size, bits=quantize)
+        config["quantization"] = {"group_size": group_size, "bits": quantize}
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    make_tokenizer(path)
+    return path
