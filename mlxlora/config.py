@@ -135,6 +135,8 @@ class TrainConfig:
     save_every: int = 100
     report_every: int = 10
     dtype: str | None = None
+    max_nonfinite: int = 5
+    keep_checkpoints: int | None = None
     force: bool = False
 
     def __post_init__(self):
@@ -143,7 +145,7 @@ class TrainConfig:
         if self.quantize not in (None, 2, 3, 4, 5, 6, 8):
             raise ConfigError(f"--quantize must be one of 2, 3, 4, 5, 6, 8, got {self.quantize!r}")
         for name in ("batch_size", "grad_accum", "max_seq_length", "pad_multiple", "val_every",
-                     "save_every", "report_every", "q_group_size"):
+                     "save_every", "report_every", "q_group_size", "max_nonfinite"):
             _positive(f"--{name.replace('_', '-')}", getattr(self, name), int)
         _positive("--lr", self.lr, (int, float))
         for name in ("epochs", "iters"):
@@ -259,3 +261,42 @@ def _compile(name: str, pattern: str):
         return re.compile(pattern)
     except re.error as e:
         raise ConfigError(f"{name}: {pattern!r} is not a valid regex ({e})") from None
+
+
+@dataclass
+class GenerateConfig:
+    """Defaults of `mlxlora generate` (and the demo's sample generations)."""
+
+    max_tokens: int = 256
+    temp: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    chat: bool | None = None  # None: use the chat template when the tokenizer has one
+
+    def __post_init__(self):
+        _positive("--max-tokens", self.max_tokens, int)
+        if not isinstance(self.temp, (int, float)) or self.temp < 0:
+            raise ConfigError(f"--temp must be >= 0, got {self.temp!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p!r}")
+
+
+@dataclass
+class EvalConfig:
+    """Defaults of `mlxlora eval`."""
+
+    split: str = "test"
+    batch_size: int = 4
+    max_seq_length: int = 2048
+    pad_multiple: int = 8
+
+    def __post_init__(self):
+        if self.split not in ("train", "valid", "test"):
+            raise ConfigError(f"--split must be train, valid or test, got {self.split!r}")
+        for name in ("batch_size", "max_seq_length", "pad_multiple"):
+            _positive(f"--{name.replace('_', '-')}", getattr(self, name), int)
+
+
+def given(**kwargs) -> dict[str, Any]:
+    """The keyword arguments that were actually given (CLI options default to None = not given)."""
+    return {k: v for k, v in kwargs.items() if v is not None}

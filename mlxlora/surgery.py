@@ -69,7 +69,12 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module
         names = sorted({p.split(".")[-1] for p, m in model.named_modules() if isinstance(m, LINEAR_TYPES)})
         raise ConfigError(f"target_modules {cfg.target_modules!r} matched no layer; linear layers of this "
                           f"model: {', '.join(names)} (or use --target all-linear)")
-    return found
+    # named_modules() walks children in reverse; report in reading order (block by block).
+    return sorted(found, key=lambda pm: _natural_key(pm[0]))
+
+
+def _natural_key(path: str):
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in path.split(".")]
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig) -> nn.Module:

@@ -1,0 +1,90 @@
+"""A fast BLAS for MLX's Linux CPU backend, without the user having to know.
+
+mlx's Linux CPU wheel (`mlx-cpu`) links the reference BLAS bundled in `mlx_cpu.libs`
+(~2-7 GFLOP/s sgemm). OpenBLAS from the `cmeel-openblas` wheel runs the same sgemm at
+~100-400 GFLOP/s on a laptop-class x86 CPU. A library can only be swapped at process
+start, so the `mlxlora` entry point re-executes itself once with OpenBLAS preloaded.
+
+OpenBLAS needs `libgfortran.so.5`; mlx-cpu already ships one under a hashed name, so we
+point a symlink called `libgfortran.so.5` at it in a small cache folder.
+
+Opt out with `MLXLORA_FAST_BLAS=0`. `python -m mlxlora.blas` prints the shell exports
+(used by the test script so pytest gets the same speed).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib import metadata
+from pathlib import Path
+
+_ACTIVE = "MLXLORA_BLAS_ACTIVE"
+
+
+def _dist_file(dist: str, suffix_match) -> Path | None:
+    try:
+        files = metadata.distribution(dist).files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if suffix_match(str(f)):
+            p = Path(f.locate()).resolve()
+            if p.exists():
+                return p
+    return None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MLXLORA_CACHE", Path.home() / ".cache" / "mlxlora"))
+
+
+def fast_blas_env(environ: dict | None = None) -> dict[str, str] | None:
+    """Environment additions that preload OpenBLAS for mlx-cpu, or None when not applicable."""
+    env = os.environ if environ is None else environ
+    if not sys.platform.startswith("linux") or env.get("MLXLORA_FAST_BLAS", "1") == "0":
+        return None
+    ref_blas = _dist_file("mlx-cpu", lambda s: "mlx_cpu.libs/libblas" in s)
+    gfortran = _dist_file("mlx-cpu", lambda s: "mlx_cpu.libs/libgfortran" in s)
+    openblas = _dist_file("cmeel-openblas", lambda s: s.endswith("lib/libopenblas.so.0"))
+    if ref_blas is None or gfortran is None or openblas is None:
+        return None
+    shim = cache_dir() / "blas-shim"
+    link = shim / "libgfortran.so.5"
+    try:
+        shim.mkdir(parents=True, exist_ok=True)
+        if not link.exists() or link.resolve() != gfortran:
+            tmp = shim / f".link-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(gfortran)
+            os.replace(tmp, link)  # atomic: concurrent processes never see a missing link
+    except OSError:
+        return None
+    libpath = [str(shim), str(gfortran.parent)] + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p]
+    preload = [str(openblas)] + [p for p in env.get("LD_PRELOAD", "").split(":") if p]
+    return {"LD_LIBRARY_PATH": ":".join(libpath), "LD_PRELOAD": ":".join(preload), _ACTIVE: "1"}
+
+
+def maybe_reexec(argv: list[str] | None = None) -> None:
+    """Re-execute this `python -m mlxlora ...` process once with OpenBLAS preloaded (Linux CPU only)."""
+    if os.environ.get(_ACTIVE):
+        return
+    extra = fast_blas_env()
+    if extra is None:
+        return
+    env = dict(os.environ, **extra)
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "mlxlora", *args], env)
+    except OSError:
+        return  # keep running on the slow BLAS rather than fail
+
+
+def main() -> None:
+    extra = fast_blas_env()
+    for k, v in (extra or {}).items():
+        print(f"export {k}='{v}'")
+
+
+if __name__ == "__main__":
+    main()

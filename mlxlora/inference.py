@@ -1,0 +1,75 @@
+"""Generation and evaluation over a base model with an optional adapter (mlx-lm underneath)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Iterator
+
+import mlx.core as mx
+
+from . import data as D
+from .config import EvalConfig, GenerateConfig
+from .errors import DataError
+from .models import Base, load_base
+
+
+def load_with_adapter(model: str, adapter: str | None = None, **kw) -> Base:
+    """Load a base and, if given, attach an adapter folder (PEFT / mlx-lm / mlxlora format)."""
+    base = load_base(model, **kw)
+    if adapter:
+        from .adapters import load_adapter
+
+        load_adapter(base.model, adapter)
+    base.model.eval()
+    return base
+
+
+def render_prompt(tokenizer, prompt: str, chat: bool | None) -> str | list[int]:
+    """Apply the chat template when asked (or when available and chat is None)."""
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if chat or (chat is None and has_template):
+        if not has_template:
+            return D.fallback_prompt(prompt)
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return prompt
+
+
+def stream_text(base: Base, prompt: str, cfg: GenerateConfig) -> Iterator[str]:
+    """Yield generated text pieces as they are decoded."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    mx.random.seed(cfg.seed)
+    sampler = make_sampler(temp=cfg.temp, top_p=cfg.top_p)
+    rendered = render_prompt(base.tokenizer, prompt, cfg.chat)
+    for resp in stream_generate(base.model, base.tokenizer, rendered, max_tokens=cfg.max_tokens, sampler=sampler):
+        yield resp.text
+
+
+def generate_text(base: Base, prompt: str, cfg: GenerateConfig | None = None,
+                  on_text: Callable[[str], None] | None = None) -> str:
+    out = []
+    for piece in stream_text(base, prompt, cfg or GenerateConfig()):
+        out.append(piece)
+        if on_text:
+            on_text(piece)
+    return "".join(out)
+
+
+def eval_split(base: Base, data: str, cfg: EvalConfig) -> dict:
+    """Mean target-token loss and perplexity of `base` on one split of a data folder (or a .jsonl file)."""
+    from .train import _pad_id, evaluate
+
+    p = Path(data)
+    if p.is_file():
+        path = p
+    else:
+        files = D.find_split_files(data, require_train=False)
+        if cfg.split not in files:
+            raise DataError(f"--data: {data} has no {cfg.split}.jsonl; pass --split valid or a file")
+        path = files[cfg.split]
+    split = D.load_split(path, base.tokenizer, cfg.max_seq_length)
+    loss = evaluate(base.model, split, cfg.batch_size, cfg.pad_multiple, _pad_id(base.tokenizer))
+    return {"path": str(path), "samples": split.stats.samples, "target_tokens": split.stats.target_tokens,
+            "loss": loss, "perplexity": math.exp(loss) if loss is not None else None}

@@ -1,0 +1,294 @@
+"""The training loop: data → compiled steps → validation → checkpoints → the adapter folder."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from . import data as D
+from .checkpoint import TrainerState, latest_checkpoint, load_trainer_state, save_checkpoint
+from .config import TrainConfig
+from .errors import AdapterError, ConfigError, MlxloraError
+from .models import Base, load_base
+from .progress import Progress
+from .record import run_record
+from .step import Stepper, grad_checkpoint_blocks, loss_sums, make_optimizer
+from .surgery import count_parameters, get_lora_model
+
+
+class TrainingStopped(MlxloraError):
+    """Training stopped early (non-finite losses, Ctrl-C); the message says how to resume."""
+
+
+@dataclass
+class TrainResult:
+    adapter_path: Path
+    steps: int
+    train_loss: float | None
+    val_loss: float | None
+    base_val_loss: float | None
+    tokens: int
+    seconds: float
+
+
+def check_output_folder(path: Path, force: bool, resume: bool) -> None:
+    """Refuse to write into a non-empty adapter folder unless --force (or --resume)."""
+    if path.exists() and not path.is_dir():
+        raise AdapterError(f"--adapter-path: {path} is a file; choose a folder name")
+    if path.is_dir() and any(path.iterdir()) and not (force or resume):
+        raise AdapterError(f"--adapter-path: {path} already exists and is not empty; pass --force to "
+                           "replace it, --resume to continue its training, or choose another folder")
+
+
+def evaluate(model, split: D.Split, batch_size: int, pad_multiple: int, pad_id: int,
+             max_batches: int = -1) -> float | None:
+    """Mean target-token loss over a split (batched, one host sync at the end)."""
+    if split is None or not split.samples:
+        return None
+    batches = D.epoch_batches([len(s.ids) for s in split.samples], batch_size, seed=0, epoch=0)
+    if max_batches > 0:
+        batches = batches[:max_batches]
+    total, ntok = mx.array(0.0), mx.array(0.0)
+    for idxs in batches:
+        x, y, m = (mx.array(a) for a in D.collate(split.samples, idxs, pad_multiple, pad_id))
+        lsum, n = loss_sums(model, x, y, m)
+        total, ntok = total + lsum, ntok + n
+        mx.eval(total, ntok)  # keep memory bounded: one batch of activations at a time
+    return (total / mx.maximum(ntok, 1)).item()
+
+
+def _pad_id(tokenizer) -> int:
+    pid = getattr(tokenizer, "pad_token_id", None)
+    return int(pid) if pid is not None else int(tokenizer.eos_token_id or 0)
+
+
+class Trainer:
+    """One training run. `run()` trains to the end (or to a stop) and writes the adapter folder."""
+
+    def __init__(self, cfg: TrainConfig, base: Base | None = None, resume: str | None = None, console=None):
+        self.cfg, self.resume = cfg, resume
+        self.out = Path(cfg.adapter_path)
+        check_output_folder(self.out, cfg.force, resume is not None)
+        if cfg.model is None and base is None:
+            raise ConfigError("--model is required (a model folder, a .gguf file or a hub id)")
+        files = D.find_split_files(cfg.data, cfg.train_file, cfg.valid_file)
+        self.base = base or load_base(cfg.model, quantize=cfg.quantize, group_size=cfg.q_group_size, dtype=cfg.dtype)
+        tok = self.base.tokenizer
+        self.train_split = D.load_split(files["train"], tok, cfg.max_seq_length)
+        self.valid_split = D.load_split(files["valid"], tok, cfg.max_seq_length) if "valid" in files else None
+        self.files = files
+        self.pad_id = _pad_id(tok)
+        self.progress = Progress(console)
+
+    # -- schedule -----------------------------------------------------------------
+    def total_steps(self) -> int:
+        cfg = self.cfg
+        if cfg.iters is not None:
+            return cfg.iters
+        n_batches = math.ceil(len(self.train_split.samples) / cfg.batch_size)
+        return max(1, math.ceil((cfg.epochs or 1) * n_batches / cfg.grad_accum))
+
+    def _next_batches(self, st: TrainerState):
+        """The next grad_accum micro-batches and their non-padding token count; advances `st`."""
+        cfg, out, real = self.cfg, [], 0
+        samples = self.train_split.samples
+        while len(out) < cfg.grad_accum:
+            if self._order_epoch != st.epoch:
+                self._order = D.epoch_batches([len(s.ids) for s in samples], cfg.batch_size, cfg.seed, st.epoch)
+                self._order_epoch = st.epoch
+            if st.batch_in_epoch >= len(self._order):
+                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+                continue
+            idxs = self._order[st.batch_in_epoch]
+            st.batch_in_epoch += 1
+            real += sum(len(samples[i].ids) - 1 for i in idxs)
+            out.append(tuple(mx.array(a) for a in D.collate(samples, idxs, cfg.pad_multiple, self.pad_id)))
+        return out, real
+
+    # -- run ----------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, model = self.cfg, self.base.model
+        mx.random.seed(cfg.seed)
+        get_lora_model(model, cfg.lora)
+        if cfg.grad_checkpoint:
+            grad_checkpoint_blocks(model)
+        total = self.total_steps()
+        optimizer = make_optimizer(cfg, total)
+        optimizer.init(model.trainable_parameters())
+        st = TrainerState()
+        if self.resume is not None:
+            st = self._restore(optimizer)
+        elif self.out.exists() and cfg.force:
+            shutil.rmtree(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        stepper = Stepper(model, optimizer, cfg.clip_grad)
+        self._order, self._order_epoch = None, None
+        trainable, n_params = count_parameters(model)
+        self.progress.start(total, st.step, trainable, n_params, self.train_split.stats, cfg)
+        base_val = None
+        if self.valid_split is not None and st.step == 0:
+            base_val = self._validate(model)
+            st.val_log.append([0, base_val])
+        t0, stop = time.perf_counter(), _SigintFlag()
+        try:
+            self._loop(model, optimizer, stepper, st, total, stop)
+        finally:
+            stop.restore()
+        if stop.hit:
+            path = self._checkpoint(model, optimizer, st)
+            raise TrainingStopped(f"interrupted at step {st.step}/{total}; checkpoint saved to {path}; "
+                                  f"continue with: mlxlora train --resume {self.out} (same flags)")
+        val = self._validate(model) if self.valid_split is not None else None
+        if val is not None and (not st.val_log or st.val_log[-1][0] != st.step):
+            st.val_log.append([st.step, val])
+        seconds = time.perf_counter() - t0
+        self._save_final(model, st, val, base_val, seconds)
+        self.progress.finish(st, val, self.out)
+        last = st.train_log[-1][1] if st.train_log else None
+        return TrainResult(self.out, st.step, last, val, base_val, st.tokens, seconds)
+
+    def _loop(self, model, optimizer, stepper, st, total, stop):
+        cfg = self.cfg
+        window_tokens, window_t, bad_in_row = 0, time.perf_counter(), 0
+        while st.step < total and not stop.hit:
+            model.train()
+            batches, real_tokens = self._next_batches(st)
+            before = (model.trainable_parameters(), _copy_tree(optimizer.state))
+            loss, ntok, norm = stepper.step(batches)
+            mx.eval(loss, ntok, norm, model.state, optimizer.state)
+            loss_v = loss.item()
+            st.step += 1
+            if not (math.isfinite(loss_v) and math.isfinite(norm.item())):
+                # Undo the update: parameters and optimizer moments go back to the last good values.
+                model.update(before[0])
+                _assign_tree(optimizer.state, before[1])
+                st.nonfinite_skipped += 1
+                bad_in_row += 1
+                self.progress.note(f"step {st.step}: non-finite loss/gradient, update skipped "
+                                   f"({bad_in_row} in a row, {st.nonfinite_skipped} in all)")
+                if bad_in_row >= cfg.max_nonfinite:
+                    raise TrainingStopped(f"{bad_in_row} non-finite steps in a row at step {st.step}; "
+                                          "lower --lr or check the data; the last good checkpoint is under "
+                                          f"{self.out / 'checkpoints'}")
+                continue
+            bad_in_row = 0
+            st.tokens += real_tokens
+            window_tokens += real_tokens
+            tps = window_tokens / max(time.perf_counter() - window_t, 1e-9)
+            lr = optimizer.learning_rate
+            lr = float(lr.item()) if isinstance(lr, mx.array) else float(lr)
+            st.train_log.append([st.step, loss_v, lr, tps])
+            val = None
+            if self.valid_split is not None and st.step % cfg.val_every == 0 and st.step < total:
+                val = self._validate(model)
+                st.val_log.append([st.step, val])
+            self.progress.update(st, loss_v, val, tps, report=(st.step % cfg.report_every == 0 or st.step == total))
+            if st.step % cfg.report_every == 0:
+                window_tokens, window_t = 0, time.perf_counter()
+            if st.step % cfg.save_every == 0 and st.step < total:
+                self._checkpoint(model, optimizer, st)
+
+    def _validate(self, model) -> float | None:
+        model.eval()
+        v = evaluate(model, self.valid_split, self.cfg.batch_size, self.cfg.pad_multiple, self.pad_id,
+                     self.cfg.val_batches)
+        model.train()
+        return v
+
+    # -- files --------------------------------------------------------------------
+    def _extra(self, st: TrainerState, **final) -> dict:
+        return {"train_config": _jsonable(asdict(self.cfg)),
+                "run_record": run_record(self.base, self.files, {"train": self.train_split, "valid": self.valid_split},
+                                         self.cfg, st, resumed_from=self.resume, **final)}
+
+    def _write_adapter(self, folder: Path, st: TrainerState, **final) -> None:
+        from .adapters import save_adapter
+
+        save_adapter(self.base.model, folder, base_model=self.base.source, extra=self._extra(st, **final))
+
+    def _checkpoint(self, model, optimizer, st):
+        return save_checkpoint(self.out / "checkpoints", st, lambda d: self._write_adapter(d, st), optimizer,
+                               keep=self.cfg.keep_checkpoints)
+
+    def _save_final(self, model, st, val, base_val, seconds):
+        """Write the adapter files at the top of the adapter folder (checkpoints/ stays beside them)."""
+        tmp = self.out / f".tmp-final-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self._write_adapter(tmp, st, final_val_loss=val, base_val_loss=base_val, seconds=seconds)
+        for f in tmp.iterdir():
+            os.replace(f, self.out / f.name)
+        tmp.rmdir()
+        from .plot import plot_losses
+
+        plot_losses(st.train_log, st.val_log, self.out / "loss.png")
+
+    def _restore(self, optimizer) -> TrainerState:
+        from .adapters import load_adapter_weights
+
+        ckpt = latest_checkpoint(Path(self.resume))
+        load_adapter_weights(self.base.model, ckpt)
+        st = load_trainer_state(ckpt, optimizer)
+        self.progress.note(f"resuming from {ckpt} (step {st.step})")
+        return st
+
+
+class _SigintFlag:
+    """Turn the first Ctrl-C into a flag the loop checks between steps; a second one aborts."""
+
+    def __init__(self):
+        self.hit = False
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+
+    def _handle(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _copy_tree(tree):
+    """A new container tree holding the same (immutable) arrays."""
+    if isinstance(tree, dict):
+        return {k: _copy_tree(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_copy_tree(v) for v in tree]
+    return tree
+
+
+def _assign_tree(dst, src):
+    """Write src's leaves into dst's containers in place (compiled steps hold dst itself)."""
+    items = dst.items() if isinstance(dst, dict) else enumerate(dst)
+    for k, v in list(items):
+        if isinstance(v, (dict, list)):
+            _assign_tree(v, src[k])
+        else:
+            dst[k] = src[k]
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    return obj
+
+
+def train(cfg: TrainConfig, base: Base | None = None, resume: str | None = None, console=None) -> TrainResult:
+    """Train an adapter as configured; returns a summary. Raises MlxloraError subclasses on bad input."""
+    return Trainer(cfg, base=base, resume=resume, console=console).run()
