@@ -28,7 +28,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 
 @dataclass
 class TrainerState:
-    """Where training is: enough to continue exactly (with the optimizer and RNG state)."""
+    """Where training is: with the optimizer state, enough to continue exactly."""
 
     step: int = 0
     epoch: int = 0
@@ -72,7 +72,6 @@ def save_checkpoint(ckpt_root: Path, state: TrainerState, write_adapter, optimiz
         shutil.rmtree(tmp, ignore_errors=True)
         write_adapter(tmp)
         opt = dict(tree_flatten(optimizer.state))
-        opt["__rng__"] = mx.random.state[0]
         mx.save_safetensors(str(tmp / OPTIMIZER_FILE), opt)
         atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(state)))
         for f in tmp.iterdir():
@@ -124,15 +123,15 @@ def latest_checkpoint(path: Path) -> Path:
 
 
 def load_trainer_state(ckpt: Path, optimizer) -> TrainerState:
-    """Restore optimizer moments and the RNG from a checkpoint; return its TrainerState."""
+    """Restore optimizer moments from a checkpoint; return its TrainerState.
+
+    The RNG needs no saving: the trainer re-seeds it from (seed, step) before every step.
+    """
     try:
         state = TrainerState(**json.loads((ckpt / STATE_FILE).read_text()))
         opt = mx.load(str(ckpt / OPTIMIZER_FILE))
     except (OSError, ValueError, TypeError, RuntimeError) as e:
         raise AdapterError(f"--resume: checkpoint {ckpt} is unreadable ({e}); "
                            "resume from an earlier one under checkpoints/") from None
-    rng = opt.pop("__rng__", None)
-    if rng is not None:
-        mx.random.state[0] = rng
     optimizer.state = tree_unflatten(list(opt.items()))
     return state

@@ -50,7 +50,8 @@ class Stepper:
         self.model, self.optimizer = model, optimizer
         vg = nn.value_and_grad(model, loss_sums)
 
-        @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[mx.random.state])
+        # model.state is an output too: value_and_grad swaps traced parameters into the model.
+        @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
         def micro(inputs, targets, mask):
             (lsum, ntok), grads = vg(model, inputs, targets, mask)
             return lsum, ntok, grads

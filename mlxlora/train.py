@@ -73,8 +73,9 @@ def _pad_id(tokenizer) -> int:
 class Trainer:
     """One training run. `run()` trains to the end (or to a stop) and writes the adapter folder."""
 
-    def __init__(self, cfg: TrainConfig, base: Base | None = None, resume: str | None = None, console=None):
-        self.cfg, self.resume = cfg, resume
+    def __init__(self, cfg: TrainConfig, base: Base | None = None, resume: str | None = None, console=None,
+                 callbacks=()):
+        self.cfg, self.resume, self.callbacks = cfg, resume, list(callbacks)
         self.out = Path(cfg.adapter_path)
         check_output_folder(self.out, cfg.force, resume is not None)
         if cfg.model is None and base is None:
@@ -161,6 +162,8 @@ class Trainer:
         while st.step < total and not stop.hit:
             model.train()
             batches, real_tokens = self._next_batches(st)
+            # Dropout noise depends on (seed, step) only, so a resumed run draws the same masks.
+            mx.random.seed(cfg.seed * 1_000_003 + st.step)
             before = (model.trainable_parameters(), _copy_tree(optimizer.state))
             loss, ntok, norm = stepper.step(batches)
             mx.eval(loss, ntok, norm, model.state, optimizer.state)
@@ -195,6 +198,8 @@ class Trainer:
                 window_tokens, window_t = 0, time.perf_counter()
             if st.step % cfg.save_every == 0 and st.step < total:
                 self._checkpoint(model, optimizer, st)
+            for cb in self.callbacks:
+                cb(st)
 
     def _validate(self, model) -> float | None:
         model.eval()
@@ -289,6 +294,10 @@ def _jsonable(obj):
     return obj
 
 
-def train(cfg: TrainConfig, base: Base | None = None, resume: str | None = None, console=None) -> TrainResult:
-    """Train an adapter as configured; returns a summary. Raises MlxloraError subclasses on bad input."""
-    return Trainer(cfg, base=base, resume=resume, console=console).run()
+def train(cfg: TrainConfig, base: Base | None = None, resume: str | None = None, console=None,
+          callbacks=()) -> TrainResult:
+    """Train an adapter as configured; returns a summary. Raises MlxloraError subclasses on bad input.
+
+    callbacks: functions called with the TrainerState after every optimizer step.
+    """
+    return Trainer(cfg, base=base, resume=resume, console=console, callbacks=callbacks).run()
