@@ -188,6 +188,32 @@ def demo(out, iters, force):
     run_demo(out=out, iters=iters, force=force)
 
 
+# Commands in their own modules: (module, attribute holding a click.Command or click.Group).
+COMMAND_MODULES = [
+    ("mlxlora.commands.fuse", "fuse"),
+    ("mlxlora.commands.hub", "upload"),
+    ("mlxlora.commands.hub", "export_model"),
+    ("mlxlora.commands.interop", "convert"),
+    ("mlxlora.commands.interop", "export_adapter"),
+    ("mlxlora.commands.plan", "plan"),
+    ("mlxlora.commands.serve", "serve"),
+    ("mlxlora.commands.serve", "chat"),
+]
+
+
+def _register_commands() -> None:
+    import importlib
+    import importlib.util
+
+    for module, attr in COMMAND_MODULES:
+        if importlib.util.find_spec(module) is None:  # not written yet (development)
+            continue
+        cli.add_command(getattr(importlib.import_module(module), attr))
+
+
+_register_commands()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: on Linux CPU, re-executes once with OpenBLAS preloaded (see blas.py)."""
     from .blas import maybe_reexec
