@@ -19,6 +19,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from .cache import cache_dir
+
 _ACTIVE = "MLXLORA_BLAS_ACTIVE"
 
 
@@ -33,10 +35,6 @@ def _dist_file(dist: str, suffix_match) -> Path | None:
             if p.exists():
                 return p
     return None
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MLXLORA_CACHE", Path.home() / ".cache" / "mlxlora"))
 
 
 def fast_blas_env(environ: dict | None = None) -> dict[str, str] | None:

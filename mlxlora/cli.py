@@ -57,6 +57,8 @@ def _train_options(f):
         click.option("--clip-grad", type=float, help="Global-norm clipping. [default: 1.0]"),
         click.option("--grad-checkpoint", is_flag=True, default=None, help="Recompute block activations (less memory)."),
         click.option("--max-seq-length", type=int, help="Longer samples are truncated (counted). [default: 2048]"),
+        click.option("--pack/--no-pack", default=None, help="Pack several samples per row (attention kept apart). "
+                     "[default: when it cuts padding by >15% and the architecture supports it]"),
         click.option("--seed", type=int, help="[default: 0]"),
         click.option("--val-every", type=int, help="Validate every N steps. [default: 50]"),
         click.option("--save-every", type=int, help="Checkpoint every N steps. [default: 100]"),

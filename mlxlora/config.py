@@ -129,6 +129,7 @@ class TrainConfig:
     grad_checkpoint: bool = False
     max_seq_length: int = 2048
     pad_multiple: int = 8
+    pack: bool | None = None  # None: pack when it cuts padding (see Trainer._choose_packing)
     seed: int = 0
     val_every: int = 50
     val_batches: int = -1

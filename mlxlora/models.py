@@ -41,7 +41,7 @@ def resolve_model_path(spec: str) -> Path:
         if not p.is_file():
             raise ModelError(f"--model: GGUF file {p} does not exist")
         from .convert.gguf import convert_gguf
-        from .blas import cache_dir
+        from .cache import cache_dir
 
         digest = hashlib.sha256(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode()).hexdigest()[:12]
         out = cache_dir() / "gguf" / f"{p.stem}-{digest}"

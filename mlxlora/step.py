@@ -17,10 +17,19 @@ from mlx.utils import tree_map
 from .config import TrainConfig
 
 
-def loss_sums(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array):
-    """(sum of masked token cross-entropies, number of target tokens). inputs/targets/mask: (B, L)."""
-    logits = model(inputs).astype(mx.float32)  # (B, L, V)
-    ce = nn.losses.cross_entropy(logits, targets) * mask
+def loss_sums(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array,
+              segments: mx.array | None = None):
+    """(sum of masked token cross-entropies, number of target tokens). inputs/targets/mask: (B, L).
+
+    segments (B, L): per-token sample ids of a packed batch (see packing.py), or None.
+    """
+    if segments is None:
+        logits = model(inputs)
+    else:
+        from .packing import packed_logits
+
+        logits = packed_logits(model, inputs, segments)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * mask  # (B, L)
     return ce.sum(), mask.sum()
 
 
@@ -52,8 +61,8 @@ class Stepper:
 
         # model.state is an output too: value_and_grad swaps traced parameters into the model.
         @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
-        def micro(inputs, targets, mask):
-            (lsum, ntok), grads = vg(model, inputs, targets, mask)
+        def micro(*batch):  # (inputs, targets, mask) or (inputs, targets, mask, segments)
+            (lsum, ntok), grads = vg(model, *batch)
             return lsum, ntok, grads
 
         @partial(mx.compile, inputs=[model.state, optimizer.state], outputs=[model.state, optimizer.state])
@@ -69,13 +78,14 @@ class Stepper:
         self.micro, self.update = micro, update
 
     def step(self, batches) -> tuple[mx.array, mx.array, mx.array]:
-        """One optimizer step over micro-batches [(inputs, targets, mask), ...] -> (loss, ntok, grad_norm).
+        """One optimizer step over micro-batches [(inputs, targets, mask[, segments]), ...].
 
-        Nothing is evaluated here: the caller decides when to synchronise.
+        Returns (mean loss, target tokens, grad norm), unevaluated; with several micro-batches
+        each one is evaluated before the next so only one holds activations at a time.
         """
         total_l, total_n, acc = None, None, None
-        for inputs, targets, mask in batches:
-            lsum, ntok, grads = self.micro(inputs, targets, mask)
+        for batch in batches:
+            lsum, ntok, grads = self.micro(*batch)
             if acc is None:
                 total_l, total_n, acc = lsum, ntok, grads
             else:

@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import data as D
+from . import packing as P
 from .checkpoint import TrainerState, latest_checkpoint, load_trainer_state, save_checkpoint
 from .config import TrainConfig
 from .errors import AdapterError, ConfigError, MlxloraError
@@ -88,14 +89,22 @@ class Trainer:
         self.files = files
         self.pad_id = _pad_id(tok)
         self.progress = Progress(console)
+        self._choose_packing()
 
     # -- schedule -----------------------------------------------------------------
     def total_steps(self) -> int:
         cfg = self.cfg
         if cfg.iters is not None:
             return cfg.iters
-        n_batches = math.ceil(len(self.train_split.samples) / cfg.batch_size)
+        n_batches = len(self._plan(0))
         return max(1, math.ceil((cfg.epochs or 1) * n_batches / cfg.grad_accum))
+
+    def _plan(self, epoch: int) -> list:
+        """This epoch's batches: lists of sample indices, or (packed) lists of rows of indices."""
+        cfg, lengths = self.cfg, [len(s.ids) - 1 for s in self.train_split.samples]
+        if self.pack:
+            return P.epoch_packed_batches(lengths, self.pack_capacity, cfg.batch_size, cfg.seed, epoch)
+        return D.epoch_batches([n + 1 for n in lengths], cfg.batch_size, cfg.seed, epoch)
 
     def _next_batches(self, st: TrainerState):
         """The next grad_accum micro-batches and their non-padding token count; advances `st`."""
@@ -103,16 +112,39 @@ class Trainer:
         samples = self.train_split.samples
         while len(out) < cfg.grad_accum:
             if self._order_epoch != st.epoch:
-                self._order = D.epoch_batches([len(s.ids) for s in samples], cfg.batch_size, cfg.seed, st.epoch)
-                self._order_epoch = st.epoch
+                self._order, self._order_epoch = self._plan(st.epoch), st.epoch
             if st.batch_in_epoch >= len(self._order):
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
                 continue
-            idxs = self._order[st.batch_in_epoch]
+            batch = self._order[st.batch_in_epoch]
             st.batch_in_epoch += 1
-            real += sum(len(samples[i].ids) - 1 for i in idxs)
-            out.append(tuple(mx.array(a) for a in D.collate(samples, idxs, cfg.pad_multiple, self.pad_id)))
+            if self.pack:
+                real += sum(len(samples[i].ids) - 1 for row in batch for i in row)
+                arrays = P.collate_packed(samples, batch, cfg.pad_multiple, self.pad_id)
+            else:
+                real += sum(len(samples[i].ids) - 1 for i in batch)
+                arrays = D.collate(samples, batch, cfg.pad_multiple, self.pad_id)
+            out.append(tuple(mx.array(a) for a in arrays))
         return out, real
+
+    def _choose_packing(self) -> None:
+        """--pack on/off, or auto: pack when the architecture allows it and length buckets still pad > 15 %."""
+        cfg, model_type = self.cfg, self.base.config.get("model_type")
+        lengths = [len(s.ids) - 1 for s in self.train_split.samples]
+        self.pack_capacity = min(cfg.max_seq_length, max(lengths))
+        if cfg.pack and model_type not in P.PACKABLE:
+            raise ConfigError(f"--pack: packing is not supported for {model_type!r} models "
+                              f"(supported: {', '.join(sorted(P.PACKABLE))}); drop --pack")
+        bucketed = D.epoch_batches([n + 1 for n in lengths], cfg.batch_size, cfg.seed, 0)
+        self.pad_fraction = P.padding_fraction(lengths, bucketed, False, cfg.pad_multiple)
+        if cfg.pack is None:
+            self.pack = model_type in P.PACKABLE and self.pad_fraction > 0.15
+        else:
+            self.pack = cfg.pack
+        if self.pack:
+            packed = P.epoch_packed_batches(lengths, self.pack_capacity, cfg.batch_size, cfg.seed, 0)
+            self.progress.note(f"packing: rows of up to {self.pack_capacity} tokens; padding "
+                               f"{100 * self.pad_fraction:.0f}% → {100 * P.padding_fraction(lengths, packed, True, cfg.pad_multiple):.0f}%")
 
     # -- run ----------------------------------------------------------------------
     def run(self) -> TrainResult:

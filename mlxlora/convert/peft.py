@@ -89,7 +89,9 @@ def from_peft_state(peft_tensors: dict[str, Any], model_type: str | None
         tensor = _FROM_PEFT[match["kind"]]
         value = value if isinstance(value, mx.array) else mx.array(value)
         path = hf_to_mlx(match["path"], model_type)
-        out[f"{path}.{tensor}"] = value.T if TENSOR_TABLE[tensor][2] else value
+        # Contiguous copies: a strided (transposed) view would send BLAS down a different kernel,
+        # and results would differ in the last bits from the tensors that were saved.
+        out[f"{path}.{tensor}"] = mx.contiguous(value.T) if TENSOR_TABLE[tensor][2] else value
     return out, leftover
 
 
