@@ -180,11 +180,19 @@ def read_adapter_config(adapter_dir, model_type: str | None = None) -> LoraConfi
 def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
     """Wrap `model` (a plain mlx-lm base) with the adapter in `adapter_dir` and load its tensors.
 
-    Reads PEFT folders and ours; tensors are loaded bit-exact in their saved dtype. Raises
+    Reads PEFT folders, ours and mlx-lm's (adapters.safetensors), or a hub id of any of them (see
+    mlxlora/detect.py); tensors are loaded bit-exact in their saved dtype. Raises
     AdapterError (one line) for a missing/corrupt file, an unsupported PEFT variant, or tensors
     that do not fit the model (every missing, unexpected and mis-shaped tensor listed at once);
     the model is left unwrapped then.
     """
+    from .detect import resolve_adapter
+
+    adapter_dir, fmt = resolve_adapter(adapter_dir)
+    if fmt == "mlx-lm":
+        from .convert.mlx_lm import load_mlx_lm_adapter
+
+        return load_mlx_lm_adapter(model, adapter_dir)
     d = _check_folder(adapter_dir, [CONFIG_FILE, WEIGHTS_FILE])
     if adapter_layers(model):
         raise AdapterError(f"load_adapter({d}): the model already has adapters; load into a fresh base model")

@@ -1,0 +1,46 @@
+"""`mlxlora upload` and `mlxlora export-model`: thin commands over mlxlora.hub."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command(name="upload")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--repo", "repo_id", required=True, help="Hub model repo, user/name (created if missing).")
+@click.option("--private", is_flag=True, default=False, help="Create the repo private.")
+@click.option("--message", help="Commit message. [default: Upload <adapter|mlx|hf> with mlxlora]")
+@click.option("--base-model", help="Hub id of the base model for the card, when PATH only records a local folder.")
+def upload(path, repo_id, private, message, base_model):
+    """Upload an adapter or model folder to the Hugging Face Hub, with a model card.
+
+    Skips checkpoints/ and hidden/temporary files. Needs a token: `hf auth login` or HF_TOKEN.
+
+    Example: mlxlora upload runs/devil --repo alice/smollm2-devil-lora --private
+    """
+    from ..hub import upload as run_upload
+
+    url = run_upload(path, repo_id, private=private, message=message, base_model=base_model)
+    click.echo(f"uploaded {path} to {repo_id}: {url}")
+
+
+@click.command(name="export-model")
+@click.option("--model", required=True, help="Base model: folder, .gguf file or hub id.")
+@click.option("--adapter", help="Adapter folder to fuse in (float) before exporting.")
+@click.option("--out", required=True, type=click.Path(), help="Output folder (transformers format).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Weight dtype. [default: float32]")
+@click.option("--max-shard-size", help="Largest weight file, e.g. 5GB, 500MB, 4GiB. [default: 5GB]")
+@click.option("--base-model", help="Hub id of the base model for the card, when --model is a local folder.")
+@click.option("--force", is_flag=True, default=False, help="Replace an existing --out folder.")
+def export_model(model, adapter, out, dtype, max_shard_size, base_model, force):
+    """Write a model (with an adapter fused in) that transformers loads without MLX.
+
+    Example: mlxlora export-model --model ./smollm2 --adapter runs/devil --out smollm2-devil-hf
+    """
+    from ..config import given
+    from ..hub import ExportConfig, export_model as run_export
+
+    cfg = ExportConfig(**given(dtype=dtype, max_shard_size=max_shard_size))
+    folder = run_export(model, out, adapter=adapter, config=cfg, force=force, base_model=base_model)
+    files = sorted(p.name for p in folder.iterdir())
+    click.echo(f"wrote {folder} ({cfg.dtype}): {', '.join(files)}")
