@@ -129,23 +129,44 @@ def generate(model, adapter, quantize, prompt, **opts):
 
 
 @cli.command(name="eval")
-@_model_options
+@click.option("--model", required=True, help="Model folder, .gguf file, or hub id.")
+@click.option("--adapter", "adapters", multiple=True, metavar="[NAME=]DIR",
+              help="Adapter folder; repeat (or write NAME=DIR) to compare several against the base in one table.")
+@click.option("--quantize", type=click.Choice(["2", "3", "4", "5", "6", "8"]), help="Quantize the base at load time.")
 @click.option("--data", required=True, help="Data folder or a .jsonl file.")
 @click.option("--split", type=click.Choice(["train", "valid", "test"]), help="[default: test]")
 @click.option("--batch-size", type=int, help="[default: 4]")
 @click.option("--max-seq-length", type=int, help="[default: 2048]")
-def eval_cmd(model, adapter, quantize, data, **opts):
-    """Print loss and perplexity on a data split.
+def eval_cmd(model, adapters, quantize, data, **opts):
+    """Print loss and perplexity on a data split; with several adapters, a table against the base.
 
     Example: mlxlora eval --model ./smollm2 --adapter adapters --data examples/devil
+
+    Example: mlxlora eval --model ./smollm2 --adapter devil=runs/devil --adapter poet=runs/poet --data examples/devil
     """
     from .config import EvalConfig, given
-    from .inference import eval_split
 
     cfg = EvalConfig(**given(**opts))
-    res = eval_split(_load(model, adapter, quantize), data, cfg)
+    table = len(adapters) > 1 or any("=" in a for a in adapters)
+    if table:  # one base, every adapter switched on in turn (mlxlora.multi)
+        from .commands.serve import parse_adapter_specs
+        from .models import load_base
+        from .multi import compare_perplexity, format_perplexity_table
+
+        specs = parse_adapter_specs(adapters)  # bad specs fail before the model loads
+        base = load_base(model, quantize=int(quantize) if quantize else None)
+        base.model.eval()
+        rows = compare_perplexity(base, specs, data, cfg)
+        res = rows[0]
+    else:
+        from .inference import eval_split
+
+        res = eval_split(_load(model, adapters[0] if adapters else None, quantize), data, cfg)
     click.echo(f"{res['path']}: {res['samples']} samples, {res['target_tokens']} target tokens")
-    click.echo(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}")
+    if table:
+        click.echo(format_perplexity_table(rows))
+    else:
+        click.echo(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}")
 
 
 @cli.group()

@@ -301,3 +301,21 @@ class EvalConfig:
 def given(**kwargs) -> dict[str, Any]:
     """The keyword arguments that were actually given (CLI options default to None = not given)."""
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+@dataclass
+class ServeConfig:
+    """Defaults of `mlxlora serve`: where to listen and the largest request body accepted (bytes)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_request_bytes: int = 1_000_000
+
+    def __post_init__(self):
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(f"--host must be an address such as 127.0.0.1, got {self.host!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in 0..65535, got {self.port!r}")
+        if isinstance(self.max_request_bytes, bool) or not isinstance(self.max_request_bytes, int) \
+                or self.max_request_bytes < 1:
+            raise ConfigError(f"--max-request-bytes must be a positive integer, got {self.max_request_bytes!r}")

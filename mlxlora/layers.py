@@ -25,7 +25,8 @@ def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def _linear_dims(linear) -> tuple[int, int]:
+def linear_dims(linear) -> tuple[int, int]:
+    """(input_dims, output_dims) of a Linear or QuantizedLinear (packed weights unpacked)."""
     out_dims, in_dims = linear.weight.shape
     if isinstance(linear, nn.QuantizedLinear):
         in_dims = in_dims * 32 // linear.bits
@@ -37,7 +38,7 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_base(cls, linear: nn.Module, r: int = 8, scale: float = 2.0, dropout: float = 0.0):
-        in_dims, out_dims = _linear_dims(linear)
+        in_dims, out_dims = linear_dims(linear)
         layer = cls(in_dims, out_dims, r=r, scale=scale, dropout=dropout)
         layer.linear = linear
         return layer
@@ -182,5 +183,5 @@ def base_of(layer: nn.Module) -> nn.Module:
     return layer.embedding if isinstance(layer, LoRAEmbedding) else layer.linear
 
 
-__all__ = ["LoRALinear", "DoRALinear", "LoRAEmbedding", "lora_scale", "base_of",
+__all__ = ["LoRALinear", "DoRALinear", "LoRAEmbedding", "lora_scale", "base_of", "linear_dims",
            "dequantize_weight", "LINEAR_TYPES", "EMBEDDING_TYPES", "ADAPTER_TYPES"]
