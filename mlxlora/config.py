@@ -319,3 +319,18 @@ class ServeConfig:
         if isinstance(self.max_request_bytes, bool) or not isinstance(self.max_request_bytes, int) \
                 or self.max_request_bytes < 1:
             raise ConfigError(f"--max-request-bytes must be a positive integer, got {self.max_request_bytes!r}")
+
+
+@dataclass
+class ExportConfig:
+    """Defaults of `mlxlora export-model`. dtype: float weights written; max_shard_size: per file."""
+
+    dtype: str = "float32"
+    max_shard_size: str = "5GB"
+
+    def __post_init__(self):
+        from .convert.hf import DTYPES, parse_size
+
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        parse_size(self.max_shard_size)

@@ -19,3 +19,7 @@ class ModelError(MlxloraError):
 
 class AdapterError(MlxloraError):
     """An adapter folder that cannot be read, written, or does not fit the base."""
+
+
+class HubError(MlxloraError):
+    """An upload that cannot start or that the Hub refused."""

@@ -11,11 +11,11 @@ import json
 import os
 import re
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from .cards import CARD_FILE, adapter_card, adapter_summary, card_inputs, model_card, base_license
-from .errors import MlxloraError, ModelError
+from .config import ExportConfig
+from .errors import HubError, ModelError
 
 # Never uploaded: training checkpoints, hidden files/folders (our atomic-write temporaries are
 # hidden), editor/temporary leftovers. fnmatch patterns on paths relative to the folder.
@@ -26,23 +26,6 @@ LOGIN_HINT = ("log in with `hf auth login` (or set HF_TOKEN to a write token fro
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
-class HubError(MlxloraError):
-    """An upload that cannot start or that the Hub refused."""
-
-
-@dataclass
-class ExportConfig:
-    """Defaults of `mlxlora export-model`. dtype: float weights written; max_shard_size: per file."""
-
-    dtype: str = "float32"
-    max_shard_size: str = "5GB"
-
-    def __post_init__(self):
-        from .convert.hf import DTYPES, parse_size
-
-        if self.dtype not in DTYPES:
-            raise ModelError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        parse_size(self.max_shard_size)
 
 
 # ---------------------------------------------------------------- folders and cards
