@@ -64,8 +64,8 @@ def save_checkpoint(ckpt_root: Path, state: TrainerState, write_adapter, optimiz
 
     Raises AdapterError (disk full, unwritable folder) leaving earlier checkpoints intact.
     """
-    name = f"step-{state.step:08d}"
-    final = ckpt_root / name
+    final = latest_path(ckpt_root, state)
+    name = final.name
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
     try:
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -89,6 +89,11 @@ def save_checkpoint(ckpt_root: Path, state: TrainerState, write_adapter, optimiz
     if keep:
         prune_checkpoints(ckpt_root, keep, protect={name})
     return final
+
+
+def latest_path(ckpt_root: Path, state: TrainerState) -> Path:
+    """Where the checkpoint for `state` is (or will be) written."""
+    return ckpt_root / f"step-{state.step:08d}"
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

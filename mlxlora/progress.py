@@ -19,8 +19,11 @@ def _gb(n: int) -> str:
 
 
 class Progress:
-    def __init__(self, console: Console | None = None):
-        self.console = console or Console(stderr=True)
+    def __init__(self, console: Console | None = None, quiet: bool = False):
+        """quiet: print nothing (ranks other than 0 of a distributed run)."""
+        self.console = console or Console(stderr=True, quiet=quiet)
+        if quiet:
+            self.console.quiet = True
         self._bar = None
 
     def note(self, text: str) -> None:

@@ -12,7 +12,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .config import TrainConfig
 
@@ -55,8 +55,11 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optim.Optimizer:
 class Stepper:
     """Holds the compiled micro-batch gradient and update functions for one model/optimizer."""
 
-    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, clip_grad: float | None):
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, clip_grad: float | None, group=None):
+        """group: an mx.distributed group of size > 1 sums gradients and token counts across ranks,
+        so every rank applies the same update (data parallel); None or size 1 trains alone."""
         self.model, self.optimizer = model, optimizer
+        self.group = group if group is not None and group.size() > 1 else None
         vg = nn.value_and_grad(model, loss_sums)
 
         # model.state is an output too: value_and_grad swaps traced parameters into the model.
@@ -94,9 +97,26 @@ class Stepper:
             if len(batches) > 1:
                 # Evaluate each micro-batch so its activations are freed before the next one.
                 mx.eval(total_l, total_n, acc)
+        if self.group is not None:
+            total_l, total_n, acc = all_sum_tree((total_l, total_n, acc), self.group)
         ntok = mx.maximum(total_n, 1)
         norm = self.update(acc, ntok)
         return total_l / ntok, total_n, norm
+
+
+def all_sum_tree(tree, group):
+    """Sum every array of `tree` across the ranks of `group` in ONE collective (flatten, sum, split).
+
+    Only what is passed travels: for training, the adapter gradients plus two scalars.
+    """
+    leaves = tree_flatten(tree)
+    flat = mx.concatenate([v.astype(mx.float32).reshape(-1) for _, v in leaves])
+    summed = mx.distributed.all_sum(flat, group=group)
+    out, offset = [], 0
+    for key, v in leaves:
+        out.append((key, summed[offset:offset + v.size].reshape(v.shape).astype(v.dtype)))
+        offset += v.size
+    return tree_unflatten(out)
 
 
 def grad_checkpoint_blocks(model: nn.Module) -> int:

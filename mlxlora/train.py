@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,8 +15,9 @@ import mlx.core as mx
 import numpy as np
 
 from . import data as D
-from . import packing as P
-from .checkpoint import TrainerState, latest_checkpoint, load_trainer_state, save_checkpoint
+from .batching import BatchPlan
+from .checkpoint import (TrainerState, latest_checkpoint, latest_path, list_checkpoints, load_trainer_state,
+                         save_checkpoint)
 from .config import TrainConfig
 from .errors import AdapterError, ConfigError, MlxloraError
 from .models import Base, load_base
@@ -78,7 +80,11 @@ class Trainer:
                  callbacks=()):
         self.cfg, self.resume, self.callbacks = cfg, resume, list(callbacks)
         self.out = Path(cfg.adapter_path)
-        check_output_folder(self.out, cfg.force, resume is not None)
+        # Under mlx.launch every rank runs this; alone, the group has size 1.
+        self.group = mx.distributed.init()
+        self.rank, self.world = self.group.rank(), self.group.size()
+        if self.rank == 0:  # rank 0 owns the output folder (others would race its creation)
+            check_output_folder(self.out, cfg.force, resume is not None)
         if cfg.model is None and base is None:
             raise ConfigError("--model is required (a model folder, a .gguf file or a hub id)")
         files = D.find_split_files(cfg.data, cfg.train_file, cfg.valid_file)
@@ -88,63 +94,23 @@ class Trainer:
         self.valid_split = D.load_split(files["valid"], tok, cfg.max_seq_length) if "valid" in files else None
         self.files = files
         self.pad_id = _pad_id(tok)
-        self.progress = Progress(console)
-        self._choose_packing()
+        self.progress = Progress(console, quiet=self.rank != 0)
+        self.batches = BatchPlan(cfg, self.train_split, self.base.config.get("model_type"), self.pad_id,
+                                 self.rank, self.world)
+        if self.batches.pack:
+            self.progress.note(f"packing: rows of up to {self.batches.pack_capacity} tokens; padding "
+                               f"{100 * self.batches.pad_fraction:.0f}% → {100 * self.batches.packed_padding():.0f}%")
+        if self.world > 1:
+            self.progress.note(f"data parallel: {self.world} ranks × batch {cfg.batch_size} = global batch "
+                               f"{self.batches.global_batch}")
 
     # -- schedule -----------------------------------------------------------------
     def total_steps(self) -> int:
         cfg = self.cfg
         if cfg.iters is not None:
             return cfg.iters
-        n_batches = len(self._plan(0))
+        n_batches = len(self.batches.plan(0))
         return max(1, math.ceil((cfg.epochs or 1) * n_batches / cfg.grad_accum))
-
-    def _plan(self, epoch: int) -> list:
-        """This epoch's batches: lists of sample indices, or (packed) lists of rows of indices."""
-        cfg, lengths = self.cfg, [len(s.ids) - 1 for s in self.train_split.samples]
-        if self.pack:
-            return P.epoch_packed_batches(lengths, self.pack_capacity, cfg.batch_size, cfg.seed, epoch)
-        return D.epoch_batches([n + 1 for n in lengths], cfg.batch_size, cfg.seed, epoch)
-
-    def _next_batches(self, st: TrainerState):
-        """The next grad_accum micro-batches and their non-padding token count; advances `st`."""
-        cfg, out, real = self.cfg, [], 0
-        samples = self.train_split.samples
-        while len(out) < cfg.grad_accum:
-            if self._order_epoch != st.epoch:
-                self._order, self._order_epoch = self._plan(st.epoch), st.epoch
-            if st.batch_in_epoch >= len(self._order):
-                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-                continue
-            batch = self._order[st.batch_in_epoch]
-            st.batch_in_epoch += 1
-            if self.pack:
-                real += sum(len(samples[i].ids) - 1 for row in batch for i in row)
-                arrays = P.collate_packed(samples, batch, cfg.pad_multiple, self.pad_id)
-            else:
-                real += sum(len(samples[i].ids) - 1 for i in batch)
-                arrays = D.collate(samples, batch, cfg.pad_multiple, self.pad_id)
-            out.append(tuple(mx.array(a) for a in arrays))
-        return out, real
-
-    def _choose_packing(self) -> None:
-        """--pack on/off, or auto: pack when the architecture allows it and length buckets still pad > 15 %."""
-        cfg, model_type = self.cfg, self.base.config.get("model_type")
-        lengths = [len(s.ids) - 1 for s in self.train_split.samples]
-        self.pack_capacity = min(cfg.max_seq_length, max(lengths))
-        if cfg.pack and model_type not in P.PACKABLE:
-            raise ConfigError(f"--pack: packing is not supported for {model_type!r} models "
-                              f"(supported: {', '.join(sorted(P.PACKABLE))}); drop --pack")
-        bucketed = D.epoch_batches([n + 1 for n in lengths], cfg.batch_size, cfg.seed, 0)
-        self.pad_fraction = P.padding_fraction(lengths, bucketed, False, cfg.pad_multiple)
-        if cfg.pack is None:
-            self.pack = model_type in P.PACKABLE and self.pad_fraction > 0.15
-        else:
-            self.pack = cfg.pack
-        if self.pack:
-            packed = P.epoch_packed_batches(lengths, self.pack_capacity, cfg.batch_size, cfg.seed, 0)
-            self.progress.note(f"packing: rows of up to {self.pack_capacity} tokens; padding "
-                               f"{100 * self.pad_fraction:.0f}% → {100 * P.padding_fraction(lengths, packed, True, cfg.pad_multiple):.0f}%")
 
     # -- run ----------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -159,18 +125,18 @@ class Trainer:
         st = TrainerState()
         if self.resume is not None:
             st = self._restore(optimizer)
-        elif self.out.exists() and cfg.force:
+        elif self.out.exists() and cfg.force and self.rank == 0:
             shutil.rmtree(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        stepper = Stepper(model, optimizer, cfg.clip_grad)
-        self._order, self._order_epoch = None, None
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        stepper = Stepper(model, optimizer, cfg.clip_grad, group=self.group)
         trainable, n_params = count_parameters(model)
         self.progress.start(total, st.step, trainable, n_params, self.train_split.stats, cfg)
         base_val = None
         if self.valid_split is not None and st.step == 0:
             base_val = self._validate(model)
             st.val_log.append([0, base_val])
-        t0, stop = time.perf_counter(), _SigintFlag()
+        t0, stop = time.perf_counter(), _StopSignals(self.out, self.rank)
         try:
             self._loop(model, optimizer, stepper, st, total, stop)
         finally:
@@ -193,7 +159,7 @@ class Trainer:
         window_tokens, window_t, bad_in_row = 0, time.perf_counter(), 0
         while st.step < total and not stop.hit:
             model.train()
-            batches, real_tokens = self._next_batches(st)
+            batches, real_tokens = self.batches.next(st)
             # Dropout noise depends on (seed, step) only, so a resumed run draws the same masks.
             mx.random.seed(cfg.seed * 1_000_003 + st.step)
             before = (model.trainable_parameters(), _copy_tree(optimizer.state))
@@ -252,11 +218,15 @@ class Trainer:
         save_adapter(self.base.model, folder, base_model=self.base.source, extra=self._extra(st, **final))
 
     def _checkpoint(self, model, optimizer, st):
+        if self.rank != 0:
+            return latest_path(self.out / "checkpoints", st)
         return save_checkpoint(self.out / "checkpoints", st, lambda d: self._write_adapter(d, st), optimizer,
                                keep=self.cfg.keep_checkpoints)
 
     def _save_final(self, model, st, val, base_val, seconds):
         """Write the adapter files at the top of the adapter folder (checkpoints/ stays beside them)."""
+        if self.rank != 0:
+            return
         tmp = self.out / f".tmp-final-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         self._write_adapter(tmp, st, final_val_loss=val, base_val_loss=base_val, seconds=seconds)
@@ -277,24 +247,38 @@ class Trainer:
         return st
 
 
-class _SigintFlag:
-    """Turn the first Ctrl-C into a flag the loop checks between steps; a second one aborts."""
+class _StopSignals:
+    """Ctrl-C (SIGINT) becomes a flag the loop checks between steps (a second one aborts).
 
-    def __init__(self):
-        self.hit = False
+    SIGTERM, which `mlx.launch` sends to every rank when one rank dies, ends the process at
+    once with a one-line message: checkpoints are written atomically, so the last complete
+    one is intact and resumable.
+    """
+
+    def __init__(self, out: Path, rank: int):
+        self.hit, self.out, self.rank, self._old = False, out, rank, {}
         try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._sigint)
+            self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._sigterm)
         except ValueError:  # not the main thread
-            self._old = None
+            pass
 
-    def _handle(self, signum, frame):
+    def _sigint(self, signum, frame):
         if self.hit:
             raise KeyboardInterrupt
         self.hit = True
 
+    def _sigterm(self, signum, frame):
+        ckpts = list_checkpoints(self.out / "checkpoints")
+        last = f"last checkpoint {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+        sys.stderr.write(f"Error: rank {self.rank}: training stopped by SIGTERM (under mlx.launch: another rank "
+                         f"died or was stopped); {last}; resume with: mlxlora train --resume {self.out} (same flags)\n")
+        sys.stderr.flush()
+        os._exit(143)
+
     def restore(self):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _copy_tree(tree):
