@@ -15,7 +15,6 @@ from mlxlora.convert.hf import export_hf
 from mlxlora.convert.names import hf_to_mlx, mlx_to_hf
 from mlxlora.convert.peft import lora_config_from_peft
 from mlxlora.errors import AdapterError, ModelError
-from mlxlora.layers import DoRALinear
 from mlxlora.surgery import adapter_layers, adapter_parameters
 
 IDS = mx.array([[5, 17, 33, 100, 200, 7, 9, 250]])
@@ -28,19 +27,7 @@ def tiny_dirs(tmp_path_factory):
     return {arch: tiny.make_model(root / arch, arch) for arch in ("llama", "qwen2", "qwen3", "gemma2", "phi3")}
 
 
-def randomize(model, seed=1, dtype=None):
-    """Non-zero lora_b (and a random lora_a, a perturbed DoRA magnitude) everywhere, so outputs depend on them."""
-    mx.random.seed(seed)
-    for _, layer in adapter_layers(model):
-        layer.lora_a = mx.random.normal(layer.lora_a.shape) * 0.1
-        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
-        if isinstance(layer, DoRALinear):
-            layer.m = layer.m * (1 + 0.1 * mx.random.normal(layer.m.shape))
-        if dtype is not None:
-            for name in ("lora_a", "lora_b", "m"):
-                if name in layer:
-                    layer[name] = layer[name].astype(dtype)
-    return model
+randomize = tiny.randomize_adapters
 
 
 def wrapped(path, config, seed=1, dtype=None):

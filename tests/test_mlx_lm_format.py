@@ -45,12 +45,7 @@ def ours(model_dir, config, seed=1):
     """A tiny base wrapped by mlxlora with non-zero random adapters (and perturbed DoRA magnitudes)."""
     model, tokenizer = load(str(model_dir))
     get_lora_model(model, config)
-    mx.random.seed(seed)
-    for _, layer in adapter_layers(model):
-        layer.lora_a = mx.random.normal(layer.lora_a.shape) * 0.1
-        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
-        if isinstance(layer, DoRALinear):
-            layer.m = layer.m * (1 + 0.1 * mx.random.normal(layer.m.shape))
+    tiny.randomize_adapters(model, seed)
     model.eval()
     return model, tokenizer
 

@@ -18,7 +18,6 @@ from mlxlora import LoraConfig, get_lora_model
 from mlxlora.adapters import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 from mlxlora.convert.hf import export_hf
 from mlxlora.convert.peft import lora_config_from_peft
-from mlxlora.layers import DoRALinear
 from mlxlora.surgery import adapter_layers
 
 pytestmark = pytest.mark.peer
@@ -90,13 +89,7 @@ def mlx_logits(model) -> np.ndarray:
     return np.array(model(mx.array(IDS)))
 
 
-def randomize(model, seed=1):
-    mx.random.seed(seed)
-    for _, layer in adapter_layers(model):
-        layer.lora_a = mx.random.normal(layer.lora_a.shape) * 0.1
-        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
-        if isinstance(layer, DoRALinear):
-            layer.m = layer.m * (1 + 0.1 * mx.random.normal(layer.m.shape))
+randomize = tiny.randomize_adapters
 
 
 def randomize_peft(peers, model):

@@ -95,3 +95,21 @@ def make_model(path: Path, arch: str = "llama", quantize: int | None = None, see
     (path / "config.json").write_text(json.dumps(config, indent=1))
     make_tokenizer(path)
     return path
+
+
+def randomize_adapters(model, seed: int = 1, dtype=None):
+    """Non-zero lora_b (and random lora_a, perturbed DoRA magnitudes) everywhere, so outputs depend on them."""
+    from mlxlora.layers import DoRALinear
+    from mlxlora.surgery import adapter_layers
+
+    mx.random.seed(seed)
+    for _, layer in adapter_layers(model):
+        layer.lora_a = mx.random.normal(layer.lora_a.shape) * 0.1
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
+        if isinstance(layer, DoRALinear):
+            layer.m = layer.m * (1 + 0.1 * mx.random.normal(layer.m.shape))
+        if dtype is not None:
+            for name in ("lora_a", "lora_b", "m"):
+                if name in layer:
+                    layer[name] = layer[name].astype(dtype)
+    return model
