@@ -1,0 +1,80 @@
+"""`mlxlora plan`: parameters and predicted peak memory of a LoRA run, without loading the weights."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="A train YAML file; the flags below override it.")
+@click.option("--model", help="Model folder, config.json, .gguf file, or hub id (only headers are read).")
+@click.option("--quantize", type=click.Choice(["2", "3", "4", "5", "6", "8"]),
+              help="Quantize the base at load time (QLoRA).")
+@click.option("--q-group-size", type=int, help="Group size for --quantize. [default: 64]")
+@click.option("--rank", type=int, help="LoRA rank r. [default: 8]")
+@click.option("--target", help="Comma-separated module names, a regex, or all-linear. [default: q_proj,v_proj]")
+@click.option("--layers", type=int, help="Adapt only the last N blocks.")
+@click.option("--dora", is_flag=True, default=None, help="DoRA instead of LoRA.")
+@click.option("--batch-size", type=int, help="[default: 4]")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step. [default: 1]")
+@click.option("--max-seq-length", type=int, help="Every sample is counted at this length. [default: 2048]")
+@click.option("--grad-checkpoint", is_flag=True, default=None, help="Recompute block activations (less memory).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="Compute dtype. [default: float32 on CPU, the checkpoint's on a GPU]")
+@click.option("--backend", type=click.Choice(["cpu", "gpu"]), help="Plan for this mlx backend. [default: this machine's]")
+@click.option("--memory-gb", type=float, help="Memory budget in GiB. [default: this machine's]")
+@click.option("--fit", "fit", is_flag=True, help="Also find the largest batch size that fits.")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
+def plan(config_file, backend, memory_gb, fit, as_json, **flags):
+    """Predict parameters, adapter size and peak memory of a training run (no weights are loaded).
+
+    Example: mlxlora plan --model ./smollm2 --quantize 4 --rank 16 --target all-linear --batch-size 8 --fit
+    """
+    import json
+    from dataclasses import asdict
+
+    from ..config import build_train_config, load_config_file
+    from ..errors import ConfigError
+    from ..plan import default_backend, format_plan, plan_training, suggest_fit
+
+    if flags.get("quantize") is not None:
+        flags["quantize"] = int(flags["quantize"])
+    if memory_gb is not None and memory_gb <= 0:
+        raise ConfigError(f"--memory-gb must be > 0, got {memory_gb}")
+    file_values = load_config_file(config_file) if config_file else None
+    cfg = build_train_config(file_values, flags, source=config_file or "config file")
+    if cfg.model is None:
+        raise ConfigError("--model is required (a model folder, config.json, .gguf file or hub id)")
+    backend = backend or default_backend()
+    kw = dict(quantize=cfg.quantize, group_size=cfg.q_group_size, max_seq_length=cfg.max_seq_length,
+              compute_dtype=cfg.dtype or ("float32" if backend == "cpu" else None), grad_accum=cfg.grad_accum,
+              backend=backend, memory_bytes=int(memory_gb * 2**30) if memory_gb else None)
+    result = plan_training(cfg.model, cfg.lora, batch_size=cfg.batch_size, grad_checkpoint=cfg.grad_checkpoint,
+                           **kw)
+    suggestion = suggest_fit(cfg.model, cfg.lora, **kw) if fit else None
+    if as_json:
+        out = asdict(result)
+        if suggestion is not None:
+            out["fit"] = {"batch_size": suggestion.batch_size, "grad_checkpoint": suggestion.grad_checkpoint,
+                          "peak_bytes": suggestion.plan.peak_bytes}
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(format_plan(result))
+    if suggestion is not None:
+        click.echo(fit_line(suggestion, cfg.batch_size))
+
+
+def fit_line(fit, wanted: int) -> str:
+    """One line saying what batch size fits and what to pass."""
+    from ..plan import human
+
+    if fit.batch_size == 0:
+        return ("fit: not even a batch of 1 fits with --grad-checkpoint; use a smaller --max-seq-length, "
+                "--quantize or fewer targets")
+    flags = f"--batch-size {fit.batch_size}" + (" --grad-checkpoint" if fit.grad_checkpoint else "")
+    line = f"fit: {flags} (predicted peak {human(fit.plan.peak_bytes)})"
+    if fit.batch_size < wanted:
+        accum = -(-wanted // fit.batch_size)
+        line += f"; for an effective batch of {wanted} add --grad-accum {accum}"
+    return line
