@@ -1,16 +1,13 @@
 """Predict the parameters and memory of a LoRA run without loading any weight: `mlxlora plan`.
 
-The model is read from config.json and the JSON headers of its .safetensors files (names,
-shapes, dtypes), or from GGUF metadata, or from a config alone (llama-like layouts). Targets are
-matched by `mlxlora.surgery.find_targets` on a skeleton of empty modules, so the rules are the
-training rules. Memory = base weights + adapter + gradients + AdamW moments + activations.
+The model's shapes come from `mlxlora.shapes` (config.json, safetensors headers, GGUF metadata or
+a config alone; no tensor data). Targets are matched by `mlxlora.surgery.find_targets` on a
+skeleton of empty modules, so the rules are the training rules. Memory = base weights + adapter +
+gradients + AdamW moments + activations.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
@@ -18,39 +15,9 @@ from pathlib import Path
 
 from .config import LoraConfig, TrainConfig
 from .errors import ConfigError, ModelError
-
-BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
-         "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-FLOATS = {"F64", "F32", "F16", "BF16"}  # what load_base casts to the compute dtype
-DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-# mlx-lm's ModelArgs default for tie_word_embeddings when config.json does not say.
-TIED_BY_DEFAULT = {"llama": True, "mistral": True, "qwen2": True, "qwen3": True, "gemma": True,
-                   "gemma2": True, "phi3": False}
-_EMBEDDING = re.compile(r"(^|_)(embed\w*|embeddings?|wte|wpe)$")
-
-
-@dataclass
-class Matrix:
-    """One Linear/Embedding weight: logical float shape (rows, cols) = (out, in) or (num, dims)."""
-
-    path: str
-    kind: str  # "linear" | "embedding"
-    rows: int
-    cols: int
-    dtype: str  # float dtype of the weight, or of the scales when quantized
-    bits: int | None = None
-    group_size: int | None = None
-    biases: bool = True  # affine quantization stores a bias per group
-
-
-@dataclass
-class ModelShapes:
-    """What the planner knows about a model: its config and every parameter's shape."""
-
-    config: dict
-    matrices: list[Matrix]
-    others: list[tuple[str, int, str]]  # (name, elements, dtype): norms, biases
-    source: str
+# Reading a model lives in shapes.py; its public names stay importable from here.
+from .shapes import (BYTES, DTYPE_CODES, FLOATS, Matrix, ModelShapes, config_matrices,
+                     dims, header_matrices, read_model, read_safetensors_header)
 
 
 @dataclass
@@ -76,203 +43,6 @@ class Plan:
     fits: bool | None
     settings: dict = field(default_factory=dict)
     activation_terms: dict = field(default_factory=dict)
-
-
-# -- reading a model --------------------------------------------------------------------------
-def read_model(spec: str | dict) -> ModelShapes:
-    """Shapes of `spec`: a config dict, a config.json file, a model folder, a .gguf file or a hub id.
-
-    Reads headers and metadata only. Raises ModelError naming what is missing.
-    """
-    if isinstance(spec, dict):
-        return ModelShapes(spec, *config_matrices(spec), "config")
-    p = Path(spec).expanduser()
-    if p.suffix.lower() == ".gguf":
-        return _read_gguf(p)
-    if p.suffix == ".json":
-        config = _read_json(p)
-        return ModelShapes(config, *config_matrices(config), f"{p.name}")
-    if p.is_dir():
-        config = _read_json(p / "config.json")
-        files = sorted(p.glob("model*.safetensors"))
-        if not files:
-            return ModelShapes(config, *config_matrices(config), "config.json (no weights)")
-        headers = {}
-        for f in files:
-            headers.update(read_safetensors_header(f))
-        return ModelShapes(config, *header_matrices(headers, config), f"{len(files)} safetensors header(s)")
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise ModelError(f"--model: {spec} does not exist (give a model folder, config.json, .gguf file or hub id)")
-    return _read_hub(spec)
-
-
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """{name: {"dtype", "shape"}} from the JSON header of a .safetensors file (no tensor data read)."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        raw = f.read(size) if 0 < size < 100_000_000 else b""
-    try:
-        header = json.loads(raw)
-    except ValueError:
-        raise ModelError(f"{path}: not a safetensors file (bad header); re-download it") from None
-    header.pop("__metadata__", None)
-    return header
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ModelError(f"--model: {path} does not exist (a model folder needs config.json)")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise ModelError(f"{path}: not valid JSON ({e})") from None
-
-
-def _read_hub(repo: str) -> ModelShapes:
-    try:
-        from huggingface_hub import get_safetensors_metadata, hf_hub_download
-
-        config = json.loads(Path(hf_hub_download(repo, "config.json")).read_text())
-        meta = get_safetensors_metadata(repo)
-    except Exception as e:  # offline, unknown repo, auth
-        raise ModelError(f"--model: could not read {repo!r} from the hub ({type(e).__name__}); pass a local "
-                         "folder or its config.json") from None
-    headers = {n: {"dtype": t.dtype, "shape": t.shape}
-               for fm in meta.files_metadata.values() for n, t in fm.tensors.items()}
-    return ModelShapes(config, *header_matrices(headers, config), "hub safetensors headers")
-
-
-def _dims(config: dict) -> dict:
-    """hidden D, layers N, intermediate I, heads H, kv heads, head_dim, vocab V of a llama-like config."""
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-                           "vocab_size") if k not in config]
-    if missing:
-        raise ModelError(f"config lacks {', '.join(missing)}; the planner needs a llama-like config.json")
-    d = {k: int(config[k]) for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
-                                     "num_attention_heads", "vocab_size")}
-    d["num_key_value_heads"] = int(config.get("num_key_value_heads") or d["num_attention_heads"])
-    head_dim = config.get("head_dim") if config.get("model_type") != "qwen2" else None  # mlx-lm's qwen2 ignores it
-    d["head_dim"] = int(head_dim or d["hidden_size"] // d["num_attention_heads"])
-    return d
-
-
-def _tied(config: dict) -> bool:
-    mt = config.get("model_type", "llama")
-    return mt.startswith("gemma") or bool(config.get("tie_word_embeddings", TIED_BY_DEFAULT.get(mt, True)))
-
-
-def config_matrices(config: dict) -> tuple[list[Matrix], list]:
-    """Parameter shapes of a llama-like model from its config (llama, mistral, qwen2/3, gemma/2, phi3)."""
-    d, mt = _dims(config), config.get("model_type", "llama")
-    D, I, V = d["hidden_size"], d["intermediate_size"], d["vocab_size"]
-    q, kv = d["num_attention_heads"] * d["head_dim"], d["num_key_value_heads"] * d["head_dim"]
-    dtype = DTYPE_CODES.get(str(config.get("torch_dtype") or config.get("dtype")), "BF16")
-    mats = [Matrix("model.embed_tokens", "embedding", V, D, dtype)]
-    others = [("model.norm.weight", D, dtype)]
-    attn_bias = mt == "qwen2" or config.get("attention_bias", False)
-    for i in range(d["num_hidden_layers"]):
-        b = f"model.layers.{i}."
-        if mt == "phi3":  # fused projections
-            lin = [("self_attn.qkv_proj", D, q + 2 * kv), ("self_attn.o_proj", q, D),
-                   ("mlp.gate_up_proj", D, 2 * I), ("mlp.down_proj", I, D)]
-        else:
-            lin = [("self_attn.q_proj", D, q), ("self_attn.k_proj", D, kv), ("self_attn.v_proj", D, kv),
-                   ("self_attn.o_proj", q, D), ("mlp.gate_proj", D, I), ("mlp.up_proj", D, I),
-                   ("mlp.down_proj", I, D)]
-        mats += [Matrix(b + name, "linear", out, inp, dtype) for name, inp, out in lin]
-        norms = ["input_layernorm", "post_attention_layernorm"]
-        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"] if mt == "gemma2" else []
-        others += [(f"{b}{n}.weight", D, dtype) for n in norms]
-        if mt == "qwen3":
-            others += [(f"{b}self_attn.{n}.weight", d["head_dim"], dtype) for n in ("q_norm", "k_norm")]
-        if attn_bias:
-            sizes = {"q_proj": q, "k_proj": kv, "v_proj": kv} | ({} if mt == "qwen2" else {"o_proj": D})
-            others += [(f"{b}self_attn.{n}.bias", s, dtype) for n, s in sizes.items()]
-        if config.get("mlp_bias", False):
-            others += [(f"{b}mlp.{n}.bias", s, dtype) for n, s in (("gate_proj", I), ("up_proj", I), ("down_proj", D))]
-    if not _tied(config):
-        mats.append(Matrix("lm_head", "linear", V, D, dtype))
-    _quantize_from_config(mats, config)
-    return mats, others
-
-
-def _quantize_from_config(mats: list[Matrix], config: dict) -> None:
-    """Mark the matrices an mlx-lm `quantization` entry says are quantized (global + per-module)."""
-    q = config.get("quantization")
-    if not q:
-        return
-    for m in mats:
-        spec = q.get(m.path, q)
-        if spec is not False and m.cols % spec["group_size"] == 0:
-            m.bits, m.group_size = spec["bits"], spec["group_size"]
-            m.biases = spec.get("mode", "affine") == "affine"
-
-
-def header_matrices(headers: dict[str, dict], config: dict) -> tuple[list[Matrix], list]:
-    """Matrices and other tensors from safetensors headers; packed uint32 weights with .scales are
-    quantized (bits and group from config["quantization"]) and get their logical shape back."""
-    if _tied(config):
-        headers = {k: v for k, v in headers.items() if k != "lm_head.weight"}  # mlx-lm drops it
-    quant = config.get("quantization") or {}
-    mats, others = [], []
-    for name, h in sorted(headers.items()):
-        module, _, part = name.rpartition(".")
-        shape = [int(s) for s in h["shape"]]
-        if "rotary_emb.inv_freq" in name or part in ("scales", "biases") and f"{module}.weight" in headers:
-            continue
-        if part != "weight" or len(shape) != 2:
-            others.append((name, math.prod(shape), h["dtype"]))
-            continue
-        kind = "embedding" if _EMBEDDING.search(module.rpartition(".")[2]) else "linear"
-        scales = headers.get(f"{module}.scales")
-        if scales is None:
-            mats.append(Matrix(module, kind, shape[0], shape[1], h["dtype"]))
-            continue
-        spec = quant.get(module, quant)
-        if not spec or "bits" not in spec:
-            raise ModelError(f"{name} is quantized but config.json has no quantization bits for it")
-        mats.append(Matrix(module, kind, shape[0], shape[1] * 32 // spec["bits"], scales["dtype"],
-                           spec["bits"], spec["group_size"], f"{module}.biases" in headers))
-    return mats, others
-
-
-def _read_gguf(path: Path) -> ModelShapes:
-    """Shapes from GGUF metadata, as `mlxlora.convert.gguf` would import the file (no tensor data read)."""
-    from .convert.gguf import ARCHS, GROUP_SIZE, HPARAMS, MX_QUANTIZED, hf_name
-
-    if not path.is_file():
-        raise ModelError(f"--model: GGUF file {path} does not exist")
-    try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(path)
-    except Exception as e:
-        raise ModelError(f"{path.name}: not a readable GGUF file ({e})") from None
-    arch = str(reader.fields["general.architecture"].contents())
-    if arch not in ARCHS:
-        raise ModelError(f"{path.name}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHS)})")
-    config = {"model_type": ARCHS[arch]["model_type"]}
-    for key, gkey in HPARAMS.items():
-        if f"{arch}.{gkey}" in reader.fields:
-            config[key] = reader.fields[f"{arch}.{gkey}"].contents()
-    mats, others = [], []
-    for t in reader.tensors:
-        name = hf_name(t.name)
-        if name is None:
-            continue
-        shape = [int(s) for s in reversed(t.shape)]
-        kind = t.tensor_type.name
-        bits = MX_QUANTIZED.get(kind)
-        if len(shape) == 2 and name.endswith(".weight"):
-            module = name.rpartition(".")[0]
-            mats.append(Matrix(module, "embedding" if "embed" in module else "linear", *shape,
-                               "F16" if bits or kind not in ("F32", "BF16") else kind,
-                               bits, GROUP_SIZE if bits else None))
-        else:
-            others.append((name, math.prod(shape), "F32" if kind == "F32" else "F16"))
-    config["vocab_size"] = next(m.rows for m in mats if m.kind == "embedding")
-    config["tie_word_embeddings"] = not any(m.path == "lm_head" for m in mats)
-    return ModelShapes(config, mats, others, "GGUF metadata")
 
 
 # -- parameters -------------------------------------------------------------------------------
@@ -365,6 +135,49 @@ def _blocks(adapted: list[tuple[Matrix, int]], n_blocks: int, dora: bool):
     return roles, extra, outs, first
 
 
+def _kept(d: dict, model_type: str | None, B: int, L: int, roles: set, extra: int) -> int:
+    """Elements one block keeps for its backward at batch B, length L. roles: its adapters' ROLES;
+    extra: Σ rank (+ Σ out with DoRA) over its adapters."""
+    T, D, I, H = B * L, d["hidden_size"], d["intermediate_size"], d["num_attention_heads"]
+    q, kv = H * d["head_dim"], d["num_key_value_heads"] * d["head_dim"]
+    e = (T * D                   # block input: the first RMSNorm's backward
+         + T * D                 # residual after attention: the second RMSNorm's backward
+         + T * q                 # queries after RoPE and scaling: backward of Q·Kᵀ
+         + 2 * T * kv            # keys and values after RoPE: backward of Q·Kᵀ and P·V
+         + B * H * L * L         # softmax probabilities P (mlx trains with the unfused SDPA)
+         + 4 * T * I)            # SwiGLU: gate, sigmoid(gate), silu(gate), up
+    xd, xi, xp = BLOCK_EXTRA.get(model_type, (0, 0, 0))
+    e += int(xd * T * D + xi * T * I + xp * B * H * L * L)
+    e += T * D if "attn_in" in roles else 0    # normed block input: the q/k/v adapters' input
+    e += T * q if "attn_out" in roles else 0   # attention output: the o_proj adapter's input
+    e += T * D if "mlp_in" in roles else 0     # normed residual: the gate/up adapters' input
+    e += T * I if "mlp_out" in roles else 0    # SwiGLU output: the down_proj adapter's input
+    return e + T * extra                       # x·lora_a per adapter (lora_b's gradient); DoRA: the
+                                               # output before the magnitude scale (m's gradient)
+
+
+def _working_set(d: dict, B: int, L: int, mlp: bool, outs: dict[int, int], dora: bool) -> float:
+    """Elements the backward of one block holds next to what is kept: gradients and temporaries.
+
+    Measured with mlx 0.32 (CPU) on llama-like blocks: ~17.5 (T, D) buffers (residual-stream and
+    projection gradients, RoPE/transposes), 3 (T, I) (+3 with MLP adapters), 2 P-sized (softmax
+    backward), 4 (T, kv) (GQA key/value gradients before the head sum); DoRA: 2 (T, out) per adapter.
+    """
+    T, D, I, H = B * L, d["hidden_size"], d["intermediate_size"], d["num_attention_heads"]
+    kv = d["num_key_value_heads"] * d["head_dim"]
+    return (17.5 * T * D + (6 if mlp else 3) * T * I + 2 * B * H * L * L + 4 * T * kv
+            + (2 * T * max(outs.values()) if dora else 0))
+
+
+def _logits_bytes(T: int, V: int, act_bytes: int, config: dict) -> int:
+    """Logits (B, L, V) in float32 for the loss, kept for logsumexp's backward, then softmax and the
+    logits' gradient, plus one temporary of the same size (measured: 3.8-3.95 copies)."""
+    logits = 4 * T * V * 4 + (T * V * act_bytes if act_bytes != 4 else 0)
+    if config.get("final_logit_softcapping"):  # tanh(logits / c) * c keeps its tanh (not measured)
+        logits += T * V * 4
+    return logits
+
+
 def activation_terms(shapes: ModelShapes, adapted: list[tuple[Matrix, int]], batch_size: int, seq_len: int,
                      grad_checkpoint: bool = False, act_bytes: int = 4, dora: bool = False,
                      cpu_dequant: bool = False) -> dict[str, int]:
@@ -374,45 +187,19 @@ def activation_terms(shapes: ModelShapes, adapted: list[tuple[Matrix, int]], bat
     `seq_len`. Blocks below the lowest adapted one keep nothing (no gradient reaches them).
     `cpu_dequant`: quantized layers run mlxlora's CPU dequantize+matmul path.
     """
-    d = _dims(shapes.config)
+    d = dims(shapes.config)
     B, L, T = batch_size, seq_len, batch_size * seq_len
-    D, I, H, N = d["hidden_size"], d["intermediate_size"], d["num_attention_heads"], d["num_hidden_layers"]
-    q, kv = H * d["head_dim"], d["num_key_value_heads"] * d["head_dim"]
+    D, I, N = d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"]
     V = next((m.rows for m in shapes.matrices if m.kind == "embedding"), d["vocab_size"])
     roles, extra, outs, first = _blocks(adapted, N, dora)
-
-    def kept(i: int) -> int:
-        """Elements block i keeps for its backward."""
-        got = roles.get(i, set())
-        e = (T * D                   # block input: the first RMSNorm's backward
-             + T * D                 # residual after attention: the second RMSNorm's backward
-             + T * q                 # queries after RoPE and scaling: backward of Q·Kᵀ
-             + 2 * T * kv            # keys and values after RoPE: backward of Q·Kᵀ and P·V
-             + B * H * L * L         # softmax probabilities P (mlx trains with the unfused SDPA)
-             + 4 * T * I)            # SwiGLU: gate, sigmoid(gate), silu(gate), up
-        xd, xi, xp = BLOCK_EXTRA.get(shapes.config.get("model_type"), (0, 0, 0))
-        e += int(xd * T * D + xi * T * I + xp * B * H * L * L)
-        e += T * D if "attn_in" in got else 0    # normed block input: the q/k/v adapters' input
-        e += T * q if "attn_out" in got else 0   # attention output: the o_proj adapter's input
-        e += T * D if "mlp_in" in got else 0     # normed residual: the gate/up adapters' input
-        e += T * I if "mlp_out" in got else 0    # SwiGLU output: the down_proj adapter's input
-        return e + T * extra.get(i, 0)           # x·lora_a per adapter (lora_b's gradient); DoRA: the
-                                                 # output before the magnitude scale (m's gradient)
     reached = range(first, N)
+    model_type = shapes.config.get("model_type")
+    kept = {i: _kept(d, model_type, B, L, roles.get(i, set()), extra.get(i, 0)) for i in reached}
     mlp = {i for i, r in roles.items() if r & {"mlp_in", "mlp_out"}}
-    # The backward of one block holds gradients and temporaries next to what is kept. Measured with
-    # mlx 0.32 (CPU) on llama-like blocks: ~17.5 (T, D) buffers (residual-stream and projection
-    # gradients, RoPE/transposes), 3 (T, I) (+3 with MLP adapters), 2 P-sized (softmax backward),
-    # 4 (T, kv) (GQA key/value gradients before the head sum); DoRA: 2 (T, out) per adapter.
-    work = int((17.5 * T * D + (6 if mlp else 3) * T * I + 2 * B * H * L * L + 4 * T * kv
-                + (2 * T * max(outs.values()) if dora else 0)) * act_bytes) if reached else 0
-    # Logits (B, L, V) in float32 for the loss, kept for logsumexp's backward, then softmax and the
-    # logits' gradient, plus one temporary of the same size (measured: 3.8-3.95 copies).
-    logits = 4 * T * V * 4 + (T * V * act_bytes if act_bytes != 4 else 0)
-    if shapes.config.get("final_logit_softcapping"):  # tanh(logits / c) * c keeps its tanh (not measured)
-        logits += T * V * 4
+    work = int(_working_set(d, B, L, bool(mlp), outs, dora) * act_bytes) if reached else 0
+    logits = _logits_bytes(T, V, act_bytes, shapes.config)
     if not grad_checkpoint:  # everything kept is alive when the backward starts
-        terms = {"kept for backward": sum(kept(i) for i in reached) * act_bytes,
+        terms = {"kept for backward": sum(kept.values()) * act_bytes,
                  "backward working set": work, "logits and their gradient": logits}
     else:
         # mx.checkpoint keeps each block's input: measured (mlx 0.32) ~3 (T, D) buffers per block. Two
@@ -420,7 +207,7 @@ def activation_terms(shapes: ModelShapes, adapted: list[tuple[Matrix, int]], bat
         # block with MLP adapters holds two (T, I) more (measured). The peak is the larger phase.
         inputs = len(reached) * 3 * T * D * act_bytes
         more = sum(2 * T * I for i in reached if i in mlp) * act_bytes
-        block = max((kept(i) for i in reached), default=0) * act_bytes
+        block = max(kept.values(), default=0) * act_bytes
         if more + block > logits:
             terms = {"block inputs (checkpointed)": inputs + more, "one recomputed block": block}
         else:
@@ -611,3 +398,11 @@ def format_plan(plan: Plan) -> str:
 
 def _targets(t) -> str:
     return ",".join(t) if isinstance(t, list) else str(t)
+
+
+__all__ = ["Plan", "Fit", "plan_training", "suggest_fit", "find_adapted", "count_params", "adapter_params",
+           "quantized", "base_bytes", "activation_terms", "default_backend", "machine_memory", "human",
+           "format_plan", "ROLES", "BLOCK_EXTRA",
+           # re-exported from mlxlora.shapes
+           "BYTES", "DTYPE_CODES", "FLOATS", "Matrix", "ModelShapes", "read_model", "read_safetensors_header",
+           "config_matrices", "header_matrices", "dims"]
