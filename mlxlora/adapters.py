@@ -177,14 +177,16 @@ def read_adapter_config(adapter_dir, model_type: str | None = None) -> LoraConfi
         raise AdapterError(f"{d / CONFIG_FILE}: {e}") from None
 
 
-def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
+def load_adapter(model: nn.Module, adapter_dir, *, base_info: dict | None = None,
+                 ignore_base_mismatch: bool = False) -> nn.Module:
     """Wrap `model` (a plain mlx-lm base) with the adapter in `adapter_dir` and load its tensors.
 
     Reads PEFT folders, ours and mlx-lm's (adapters.safetensors), or a hub id of any of them (see
     mlxlora/detect.py); tensors are loaded bit-exact in their saved dtype. Raises
     AdapterError (one line) for a missing/corrupt file, an unsupported PEFT variant, or tensors
     that do not fit the model (every missing, unexpected and mis-shaped tensor listed at once);
-    the model is left unwrapped then.
+    the model is left unwrapped then. base_info (see `describe_base`, taken before wrapping): refuse an
+    mlxlora adapter whose recorded base fingerprint differs, unless ignore_base_mismatch.
     """
     from .detect import resolve_adapter
 
@@ -196,6 +198,7 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
     d = _check_folder(adapter_dir, [CONFIG_FILE, WEIGHTS_FILE])
     if adapter_layers(model):
         raise AdapterError(f"load_adapter({d}): the model already has adapters; load into a fresh base model")
+    check_base(d, base_info, ignore_base_mismatch)
     model_type = model_type_of(model)
     config = read_adapter_config(d, model_type)
     peft_cfg = _read_json(d / CONFIG_FILE)
@@ -215,12 +218,14 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
     return model
 
 
-def load_adapter_weights(model: nn.Module, adapter_dir) -> nn.Module:
+def load_adapter_weights(model: nn.Module, adapter_dir, *, base_info: dict | None = None,
+                         ignore_base_mismatch: bool = False) -> nn.Module:
     """Load an adapter folder's tensors into a model that already has matching adapter layers (resume).
 
     Same checks as load_adapter; the model's LoraConfig and layers are kept. Raises AdapterError.
     """
     d = _check_folder(adapter_dir, [WEIGHTS_FILE])
+    check_base(d, base_info, ignore_base_mismatch)
     if not adapter_layers(model):
         raise AdapterError(f"load_adapter_weights({d}): the model has no adapters; use load_adapter")
     loaded = _match_tensors(model, _read_safetensors(d / WEIGHTS_FILE), model_type_of(model), d / WEIGHTS_FILE)
@@ -288,6 +293,78 @@ def _is_saved_base(key: str, value, layers: dict, model_type, tied: bool) -> boo
     return tied and hf_path.split(".")[-1] in _HEADS and any(isinstance(m, LoRAEmbedding) for m in layers.values())
 
 
+# ---------------------------------------------------------------- base fingerprint
+
+def base_shapes(model: nn.Module) -> dict[str, list]:
+    """Base parameter shapes, adapters left out and block indices folded: {"model.layers.*.mlp.up_proj.weight":
+    [[128, 64], 2], ...} (name -> [shape, how many]). Works on a wrapped or a plain model."""
+    from mlx.utils import tree_flatten
+
+    groups: dict[str, list] = {}
+    for name, arr in tree_flatten(model.parameters()):
+        if ".lora_" in name or name.endswith(".m"):  # as models.fingerprint: adapter tensors are not the base
+            continue
+        name = name.replace(".linear.", ".").replace(".embedding.", ".")
+        groups.setdefault(re.sub(r"\.\d+\.", ".*.", name), []).append((name, list(arr.shape)))
+    out = {}
+    for key, items in groups.items():
+        if all(shape == items[0][1] for _, shape in items):
+            out[key] = [items[0][1], len(items)]
+        else:  # blocks of different shapes: keep each one by name
+            out.update({name: [shape, 1] for name, shape in items})
+    return out
+
+
+def describe_base(model: nn.Module, config: dict, fingerprint: str | None = None) -> dict:
+    """What an adapter's run record says about its base, for `check_base`: fingerprint, model_type,
+    quantization and `base_shapes`. Take it before wrapping (or pass the fingerprint load_base computed)."""
+    from .models import fingerprint as fp
+
+    return {"fingerprint": fingerprint or fp(model, config), "model_type": config.get("model_type"),
+            "quantization": config.get("quantization"), "shapes": base_shapes(model)}
+
+
+def _quant_text(q) -> str:
+    return f"{q.get('bits')}-bit (group size {q.get('group_size')})" if q else "not quantized"
+
+
+def _shape_text(entry) -> str:
+    return "absent" if entry is None else f"{tuple(entry[0])}" + (f" x{entry[1]}" if entry[1] > 1 else "")
+
+
+def base_differences(recorded: dict, base: dict) -> list[str]:
+    """What differs between the base an adapter was trained on (its run_record) and `base` (describe_base)."""
+    if recorded.get("base_model_type") != base.get("model_type"):
+        return [f"model_type {recorded.get('base_model_type')} vs {base.get('model_type')}"]
+    rq, bq = recorded.get("base_quantization") or None, base.get("quantization") or None
+    if (rq or {}).get("bits") != (bq or {}).get("bits") or (rq or {}).get("group_size") != (bq or {}).get("group_size"):
+        fix = f" (load it with --quantize {rq.get('bits')})" if rq and not bq else ""
+        return [f"quantization {_quant_text(rq)} vs {_quant_text(bq)}{fix}"]
+    want, have = recorded.get("base_shapes"), base.get("shapes") or {}
+    if not want:
+        return ["parameter names/shapes (this adapter records no shape list)"]
+    out = []
+    for key in sorted(set(want) | set(have)):
+        a, b = want.get(key), have.get(key)
+        if a != b:
+            out.append(f"{key} {_shape_text(a)} vs {_shape_text(b)}")
+    return out or ["parameter names/shapes"]
+
+
+def check_base(adapter_dir: Path, base_info: dict | None, ignore: bool = False) -> None:
+    """Refuse (AdapterError) an mlxlora adapter whose run_record.base_fingerprint differs from base_info's."""
+    if base_info is None or ignore or not (adapter_dir / RECORD_FILE).is_file():
+        return
+    rec = _read_json(adapter_dir / RECORD_FILE).get("run_record") or {}
+    want = rec.get("base_fingerprint")
+    if not want or want == base_info.get("fingerprint"):
+        return
+    diffs = base_differences(rec, base_info)
+    raise AdapterError(f"{adapter_dir / RECORD_FILE}: trained on a different base ({rec.get('base_model')}, fingerprint "
+                       f"{want}; this one is {base_info.get('fingerprint')}): recorded vs this base: " + "; ".join(diffs)
+                       + "; load the base it was trained on, or pass --ignore-base-mismatch to load it anyway")
+
+
 # ---------------------------------------------------------------- files
 
 def _check_folder(adapter_dir, files: list[str]) -> Path:
@@ -333,4 +410,5 @@ def _read_safetensors(path: Path) -> dict[str, mx.array]:
 
 
 __all__ = ["save_adapter", "load_adapter", "load_adapter_weights", "read_adapter_config", "atomic_folder", "model_type_of",
+           "describe_base", "base_shapes", "check_base",
            "CONFIG_FILE", "WEIGHTS_FILE", "RECORD_FILE", "FORMAT_VERSION"]

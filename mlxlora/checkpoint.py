@@ -4,6 +4,7 @@ Layout under the adapter folder:
 
     checkpoints/step-00000100/   adapter files (PEFT format) + optimizer.safetensors + trainer_state.json
     checkpoints/latest           name of the newest complete checkpoint (replaced last)
+    checkpoints/best             name of the checkpoint with the best validation loss (--save-best)
 
 A checkpoint is written into a hidden temp folder, fsynced, then renamed into place, so a
 crash mid-write never leaves a folder that looks complete.
@@ -24,6 +25,7 @@ from .errors import AdapterError
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+BEST_FILE = "best"
 
 
 @dataclass
@@ -37,6 +39,9 @@ class TrainerState:
     train_log: list = field(default_factory=list)  # [step, loss, lr, tokens/s]
     val_log: list = field(default_factory=list)  # [step, val_loss]
     nonfinite_skipped: int = 0
+    best_step: int | None = None  # the step of the lowest validation loss after step 0
+    best_val: float | None = None
+    bad_vals: int = 0  # validations since best_val last improved (--early-stop)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -59,9 +64,11 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def save_checkpoint(ckpt_root: Path, state: TrainerState, write_adapter, optimizer, keep: int | None = None) -> Path:
+def save_checkpoint(ckpt_root: Path, state: TrainerState, write_adapter, optimizer, keep: int | None = None,
+                    best: bool = False) -> Path:
     """Write checkpoint `step-XXXXXXXX` under ckpt_root; `write_adapter(folder)` writes the adapter files.
 
+    best: also point `checkpoints/best` at it. keep: prune to the newest `keep` (never the best).
     Raises AdapterError (disk full, unwritable folder) leaving earlier checkpoints intact.
     """
     final = latest_path(ckpt_root, state)
@@ -82,13 +89,41 @@ def save_checkpoint(ckpt_root: Path, state: TrainerState, write_adapter, optimiz
         os.replace(tmp, final)
         _fsync_dir(ckpt_root)
         atomic_write_text(ckpt_root / "latest", name)
-    except OSError as e:
+        if best:
+            atomic_write_text(ckpt_root / BEST_FILE, name)
+    except (OSError, RuntimeError) as e:  # mlx reports a failed write as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise AdapterError(f"could not write checkpoint {final}: {e.strerror or e}; "
-                           "free disk space or pass another --adapter-path (earlier checkpoints are intact)") from None
+        why = (getattr(e, "strerror", None) or str(e)).splitlines()[0] if str(e) else type(e).__name__
+        raise AdapterError(f"could not write checkpoint {final}: {why}; free disk space or pass another "
+                           "--adapter-path (earlier checkpoints are intact; --resume continues from the last)") from None
     if keep:
         prune_checkpoints(ckpt_root, keep, protect={name})
     return final
+
+
+def best_checkpoint(ckpt_root: Path) -> Path | None:
+    """The checkpoint `checkpoints/best` points at, if it is complete."""
+    pointer = ckpt_root / BEST_FILE
+    if not pointer.is_file():
+        return None
+    cand = ckpt_root / pointer.read_text().strip()
+    return cand if (cand / STATE_FILE).is_file() else None
+
+
+def remove_stale_temps(ckpt_root: Path) -> list[str]:
+    """Delete half-written checkpoints a killed run left (hidden `.tmp-*` entries); returns their names.
+
+    Call only when no other process writes into ckpt_root (resume start).
+    """
+    if not ckpt_root.is_dir():
+        return []
+    stale = [p for p in ckpt_root.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return sorted(p.name for p in stale)
 
 
 def latest_path(ckpt_root: Path, state: TrainerState) -> Path:
@@ -105,6 +140,9 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def prune_checkpoints(ckpt_root: Path, keep: int, protect: set[str] = frozenset()) -> None:
+    """Delete all but the newest `keep` checkpoints; `protect` and the best checkpoint always stay."""
+    best = best_checkpoint(ckpt_root)
+    protect = set(protect) | ({best.name} if best else set())
     ckpts = list_checkpoints(ckpt_root)
     for p in ckpts[:-keep]:
         if p.name not in protect:

@@ -63,7 +63,13 @@ def _train_options(f):
         click.option("--val-every", type=int, help="Validate every N steps. [default: 50]"),
         click.option("--save-every", type=int, help="Checkpoint every N steps. [default: 100]"),
         click.option("--report-every", type=int, help="Print a progress line every N steps. [default: 10]"),
-        click.option("--keep-checkpoints", type=int, help="Keep only the newest K checkpoints."),
+        click.option("--keep-checkpoints", type=int, help="Keep only the newest K checkpoints (and the best)."),
+        click.option("--save-best", is_flag=True, default=None,
+                     help="Keep the checkpoint with the lowest validation loss as checkpoints/best."),
+        click.option("--early-stop", type=int, metavar="PATIENCE",
+                     help="Stop when validation loss has not improved for PATIENCE validations."),
+        click.option("--ignore-base-mismatch", is_flag=True, default=None,
+                     help="--resume even if the base differs from the one the checkpoint was trained on."),
         click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Compute dtype (default float32 on CPU)."),
         click.option("--resume", help="Continue from a checkpoint or an adapter folder with checkpoints/."),
         click.option("--force", is_flag=True, default=None, help="Replace an existing adapter folder."),
@@ -95,15 +101,21 @@ def _model_options(f):
         click.option("--model", required=True, help="Model folder, .gguf file, or hub id."),
         click.option("--adapter", help="Adapter folder (PEFT, mlx-lm or mlxlora format)."),
         click.option("--quantize", type=click.Choice(["2", "3", "4", "5", "6", "8"]), help="Quantize the base at load time."),
+        _IGNORE_BASE,
     ]):
         f = o(f)
     return f
 
 
-def _load(model, adapter, quantize):
+_IGNORE_BASE = click.option("--ignore-base-mismatch", is_flag=True,
+                            help="Load the adapter even if it was trained on a different base (fingerprint).")
+
+
+def _load(model, adapter, quantize, ignore_base_mismatch=False):
     from .inference import load_with_adapter
 
-    return load_with_adapter(model, adapter, quantize=int(quantize) if quantize else None)
+    return load_with_adapter(model, adapter, ignore_base_mismatch=ignore_base_mismatch,
+                             quantize=int(quantize) if quantize else None)
 
 
 @cli.command()
@@ -114,7 +126,7 @@ def _load(model, adapter, quantize):
 @click.option("--temp", type=float, help="Sampling temperature; 0 is greedy. [default: 0]")
 @click.option("--top-p", type=float, help="[default: 1.0]")
 @click.option("--seed", type=int, help="[default: 0]")
-def generate(model, adapter, quantize, prompt, **opts):
+def generate(model, adapter, quantize, ignore_base_mismatch, prompt, **opts):
     """Generate text, streaming it as it comes.
 
     Example: mlxlora generate --model ./smollm2 --adapter adapters --prompt 'Define "cat".'
@@ -123,7 +135,7 @@ def generate(model, adapter, quantize, prompt, **opts):
     from .inference import generate_text
 
     cfg = GenerateConfig(**given(**opts))
-    base = _load(model, adapter, quantize)
+    base = _load(model, adapter, quantize, ignore_base_mismatch)
     generate_text(base, prompt, cfg, on_text=lambda t: click.echo(t, nl=False))
     click.echo()
 
@@ -137,7 +149,8 @@ def generate(model, adapter, quantize, prompt, **opts):
 @click.option("--split", type=click.Choice(["train", "valid", "test"]), help="[default: test]")
 @click.option("--batch-size", type=int, help="[default: 4]")
 @click.option("--max-seq-length", type=int, help="[default: 2048]")
-def eval_cmd(model, adapters, quantize, data, **opts):
+@_IGNORE_BASE
+def eval_cmd(model, adapters, quantize, data, ignore_base_mismatch, **opts):
     """Print loss and perplexity on a data split; with several adapters, a table against the base.
 
     Example: mlxlora eval --model ./smollm2 --adapter adapters --data examples/devil
@@ -161,7 +174,7 @@ def eval_cmd(model, adapters, quantize, data, **opts):
     else:
         from .inference import eval_split
 
-        res = eval_split(_load(model, adapters[0] if adapters else None, quantize), data, cfg)
+        res = eval_split(_load(model, adapters[0] if adapters else None, quantize, ignore_base_mismatch), data, cfg)
     click.echo(f"{res['path']}: {res['samples']} samples, {res['target_tokens']} target tokens")
     if table:
         click.echo(format_perplexity_table(rows))

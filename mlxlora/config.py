@@ -138,6 +138,9 @@ class TrainConfig:
     dtype: str | None = None
     max_nonfinite: int = 5
     keep_checkpoints: int | None = None
+    save_best: bool = False  # keep the best-validation checkpoint as checkpoints/best
+    early_stop: int | None = None  # stop after this many validations without improvement
+    ignore_base_mismatch: bool = False  # --resume onto a base whose fingerprint differs
     force: bool = False
 
     def __post_init__(self):
@@ -149,9 +152,9 @@ class TrainConfig:
                      "save_every", "report_every", "q_group_size", "max_nonfinite"):
             _positive(f"--{name.replace('_', '-')}", getattr(self, name), int)
         _positive("--lr", self.lr, (int, float))
-        for name in ("epochs", "iters"):
+        for name in ("epochs", "iters", "early_stop", "keep_checkpoints"):
             if getattr(self, name) is not None:
-                _positive(f"--{name}", getattr(self, name), int)
+                _positive(f"--{name.replace('_', '-')}", getattr(self, name), int)
         if self.epochs is not None and self.iters is not None:
             raise ConfigError("give --epochs or --iters, not both")
         if not isinstance(self.warmup, int) or self.warmup < 0:

@@ -14,13 +14,18 @@ from .errors import DataError
 from .models import Base, load_base
 
 
-def load_with_adapter(model: str, adapter: str | None = None, **kw) -> Base:
-    """Load a base and, if given, attach an adapter folder (PEFT / mlx-lm / mlxlora format)."""
+def load_with_adapter(model: str, adapter: str | None = None, ignore_base_mismatch: bool = False, **kw) -> Base:
+    """Load a base and, if given, attach an adapter folder (PEFT / mlx-lm / mlxlora format).
+
+    An mlxlora adapter trained on a base with another fingerprint (model_type, quantization, shapes)
+    raises AdapterError unless ignore_base_mismatch.
+    """
     base = load_base(model, **kw)
     if adapter:
-        from .adapters import load_adapter
+        from .adapters import describe_base, load_adapter
 
-        load_adapter(base.model, adapter)
+        info = describe_base(base.model, base.config, base.info.get("fingerprint"))  # before wrapping
+        load_adapter(base.model, adapter, base_info=info, ignore_base_mismatch=ignore_base_mismatch)
     base.model.eval()
     return base
 

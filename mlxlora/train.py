@@ -16,8 +16,8 @@ import numpy as np
 
 from . import data as D
 from .batching import BatchPlan
-from .checkpoint import (TrainerState, latest_checkpoint, latest_path, list_checkpoints, load_trainer_state,
-                         save_checkpoint)
+from .checkpoint import (TrainerState, best_checkpoint, latest_checkpoint, latest_path, list_checkpoints,
+                         load_trainer_state, remove_stale_temps, save_checkpoint)
 from .config import TrainConfig
 from .errors import AdapterError, ConfigError, MlxloraError
 from .models import Base, load_base
@@ -92,6 +92,9 @@ class Trainer:
         tok = self.base.tokenizer
         self.train_split = D.load_split(files["train"], tok, cfg.max_seq_length)
         self.valid_split = D.load_split(files["valid"], tok, cfg.max_seq_length) if "valid" in files else None
+        if (cfg.save_best or cfg.early_stop) and self.valid_split is None:
+            flag = "--save-best" if cfg.save_best else "--early-stop"
+            raise ConfigError(f"{flag} needs validation data: add valid.jsonl to --data or pass --valid-file")
         self.files = files
         self.pad_id = _pad_id(tok)
         self.progress = Progress(console, quiet=self.rank != 0)
@@ -103,6 +106,10 @@ class Trainer:
         if self.world > 1:
             self.progress.note(f"data parallel: {self.world} ranks × batch {cfg.batch_size} = global batch "
                                f"{self.batches.global_batch}")
+        warning = memory_warning(cfg, self.base, self.batches.pack_capacity)
+        if warning:
+            self.progress.console.print(f"[yellow]{warning}[/yellow]")
+        self.early_stopped = False
 
     # -- schedule -----------------------------------------------------------------
     def total_steps(self) -> int:
@@ -116,6 +123,9 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, model = self.cfg, self.base.model
         mx.random.seed(cfg.seed)
+        from .adapters import describe_base
+
+        self.base_info = describe_base(model, self.base.config, self.base.info.get("fingerprint"))  # before wrapping
         get_lora_model(model, cfg.lora)
         if cfg.grad_checkpoint:
             grad_checkpoint_blocks(model)
@@ -145,9 +155,13 @@ class Trainer:
             path = self._checkpoint(model, optimizer, st)
             raise TrainingStopped(f"interrupted at step {st.step}/{total}; checkpoint saved to {path}; "
                                   f"continue with: mlxlora train --resume {self.out} (same flags)")
+        if self.early_stopped:
+            self._finish_early(model, st)
         val = self._validate(model) if self.valid_split is not None else None
         if val is not None and (not st.val_log or st.val_log[-1][0] != st.step):
             st.val_log.append([st.step, val])
+            if self._improved(st, val) and cfg.save_best:
+                self._checkpoint(model, optimizer, st, best=True)
         seconds = time.perf_counter() - t0
         self._save_final(model, st, val, base_val, seconds)
         self.progress.finish(st, val, self.out)
@@ -194,10 +208,37 @@ class Trainer:
             self.progress.update(st, loss_v, val, tps, report=(st.step % cfg.report_every == 0 or st.step == total))
             if st.step % cfg.report_every == 0:
                 window_tokens, window_t = 0, time.perf_counter()
-            if st.step % cfg.save_every == 0 and st.step < total:
-                self._checkpoint(model, optimizer, st)
+            best = val is not None and self._improved(st, val) and cfg.save_best
+            if (st.step % cfg.save_every == 0 and st.step < total) or best:
+                self._checkpoint(model, optimizer, st, best=best)
             for cb in self.callbacks:
                 cb(st)
+            if cfg.early_stop and st.bad_vals >= cfg.early_stop:
+                self.early_stopped = True
+                break
+
+    @staticmethod
+    def _improved(st: TrainerState, val: float) -> bool:
+        """Track the best validation loss after step 0; False counts toward --early-stop."""
+        if st.best_val is None or val < st.best_val:
+            st.best_val, st.best_step, st.bad_vals = val, st.step, 0
+            return True
+        st.bad_vals += 1
+        return False
+
+    def _finish_early(self, model, st: TrainerState) -> None:
+        """--early-stop fired: with --save-best, the final adapter becomes the best checkpoint's."""
+        from .adapters import load_adapter_weights
+
+        msg = (f"early stop at step {st.step}: validation loss has not improved for {self.cfg.early_stop} "
+               f"validation(s) (best {st.best_val:.4f} at step {st.best_step})")
+        best = best_checkpoint(self.out / "checkpoints") if self.cfg.save_best else None
+        if best is not None:
+            load_adapter_weights(model, best)
+            msg += f"; the final adapter is the best checkpoint {best.name}"
+        else:
+            msg += "; the final adapter is the last step's (add --save-best to keep the best one)"
+        self.progress.note(msg)
 
     def _validate(self, model) -> float | None:
         model.eval()
@@ -208,6 +249,9 @@ class Trainer:
 
     # -- files --------------------------------------------------------------------
     def _extra(self, st: TrainerState, **final) -> dict:
+        final.setdefault("base_shapes", self.base_info["shapes"])
+        if self.early_stopped:
+            final.update(early_stopped_at=st.step, best_step=st.best_step, best_val_loss=st.best_val)
         return {"train_config": _jsonable(asdict(self.cfg)),
                 "run_record": run_record(self.base, self.files, {"train": self.train_split, "valid": self.valid_split},
                                          self.cfg, st, resumed_from=self.resume, **final)}
@@ -217,11 +261,11 @@ class Trainer:
 
         save_adapter(self.base.model, folder, base_model=self.base.source, extra=self._extra(st, **final))
 
-    def _checkpoint(self, model, optimizer, st):
+    def _checkpoint(self, model, optimizer, st, best: bool = False):
         if self.rank != 0:
             return latest_path(self.out / "checkpoints", st)
         return save_checkpoint(self.out / "checkpoints", st, lambda d: self._write_adapter(d, st), optimizer,
-                               keep=self.cfg.keep_checkpoints)
+                               keep=self.cfg.keep_checkpoints, best=best)
 
     def _save_final(self, model, st, val, base_val, seconds):
         """Write the adapter files at the top of the adapter folder (checkpoints/ stays beside them)."""
@@ -240,11 +284,43 @@ class Trainer:
     def _restore(self, optimizer) -> TrainerState:
         from .adapters import load_adapter_weights
 
+        if self.rank == 0:  # a killed run's half-written checkpoint is never read; clear it away
+            remove_stale_temps(self.out / "checkpoints")
+            for tmp in self.out.glob(".tmp-final-*"):
+                shutil.rmtree(tmp, ignore_errors=True)
         ckpt = latest_checkpoint(Path(self.resume))
-        load_adapter_weights(self.base.model, ckpt)
+        load_adapter_weights(self.base.model, ckpt, base_info=self.base_info,
+                             ignore_base_mismatch=self.cfg.ignore_base_mismatch)
         st = load_trainer_state(ckpt, optimizer)
         self.progress.note(f"resuming from {ckpt} (step {st.step})")
         return st
+
+
+def memory_warning(cfg: TrainConfig, base: Base, seq_len: int) -> str | None:
+    """A one-line warning when mlxlora.plan predicts a peak above this machine's memory, naming the flags
+    that lower it; None when it fits or the planner cannot tell (an architecture it does not know)."""
+    try:
+        from .plan import human, plan_training
+        from .quant import on_cpu
+
+        pre_quantized = bool(base.config.get("quantization"))
+        plan = plan_training(str(base.path), cfg.lora, quantize=None if pre_quantized else cfg.quantize,
+                             group_size=cfg.q_group_size, batch_size=cfg.batch_size, max_seq_length=seq_len,
+                             grad_checkpoint=cfg.grad_checkpoint, grad_accum=cfg.grad_accum,
+                             compute_dtype=cfg.dtype or ("float32" if on_cpu() else None))
+    except Exception:  # the planner is advice: never a reason not to train
+        return None
+    if plan.fits is not False:
+        return None
+    fixes = [] if cfg.grad_checkpoint else ["--grad-checkpoint"]
+    if cfg.batch_size > 1:
+        fixes.append(f"a smaller --batch-size (now {cfg.batch_size}; --grad-accum keeps the effective batch)")
+    fixes.append(f"a smaller --max-seq-length (longest batch now {seq_len} tokens)")
+    if not (pre_quantized or cfg.quantize):
+        fixes.append("--quantize 4")
+    return (f"warning: predicted peak memory {human(plan.peak_bytes)} exceeds the {human(plan.memory_bytes)} "
+            f"available ({plan.memory_source}); training may run out of memory. Try: {', '.join(fixes)} "
+            "(mlxlora plan shows the estimate)")
 
 
 class _StopSignals:
