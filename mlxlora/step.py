@@ -7,6 +7,7 @@ micro-batches give exactly the gradient of one batch holding all of them.
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
 import mlx.core as mx
@@ -53,7 +54,15 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optim.Optimizer:
 
 
 class Stepper:
-    """Holds the compiled micro-batch gradient and update functions for one model/optimizer."""
+    """Holds the compiled micro-batch gradient and update functions for one model/optimizer.
+
+    time_comm: when True (set it on an instance), each step evaluates the gradients before the
+    cross-rank sum and the summed result after it, adding the seconds in between to
+    comm_seconds and the float32 buffer size to comm_bytes (per rank, one call per step). This
+    adds two host syncs per step, so it is off by default; off, the step is unchanged.
+    """
+
+    time_comm = False
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, clip_grad: float | None, group=None):
         """group: an mx.distributed group of size > 1 sums gradients and token counts across ranks,
@@ -79,6 +88,7 @@ class Stepper:
             return norm
 
         self.micro, self.update = micro, update
+        self.comm_seconds, self.comm_bytes, self.comm_calls = 0.0, 0, 0
 
     def step(self, batches) -> tuple[mx.array, mx.array, mx.array]:
         """One optimizer step over micro-batches [(inputs, targets, mask[, segments]), ...].
@@ -97,11 +107,23 @@ class Stepper:
             if len(batches) > 1:
                 # Evaluate each micro-batch so its activations are freed before the next one.
                 mx.eval(total_l, total_n, acc)
-        if self.group is not None:
+        if self.group is not None and self.time_comm:
+            total_l, total_n, acc = self._timed_all_sum((total_l, total_n, acc))
+        elif self.group is not None:
             total_l, total_n, acc = all_sum_tree((total_l, total_n, acc), self.group)
         ntok = mx.maximum(total_n, 1)
         norm = self.update(acc, ntok)
         return total_l / ntok, total_n, norm
+
+    def _timed_all_sum(self, tree):
+        mx.eval(tree)  # local compute ends here, so the clock below sees only the collective
+        t0 = time.perf_counter()
+        out = all_sum_tree(tree, self.group)
+        mx.eval(out)
+        self.comm_seconds += time.perf_counter() - t0
+        self.comm_bytes += 4 * sum(v.size for _, v in tree_flatten(tree))
+        self.comm_calls += 1
+        return out
 
 
 def all_sum_tree(tree, group):
