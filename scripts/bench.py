@@ -117,6 +117,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--cases", default="a,b,c")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-seq-length", type=int, default=256, help="cases a and b; case c uses 4x this")
     ap.add_argument("--anchors", default="mlx-lm,mlx-lm+blas")
     ap.add_argument("--out", default=str(ROOT / "bench"))
     args = ap.parse_args()
@@ -128,13 +130,16 @@ def main():
 
     q4 = ensure_demo_model()
     f32 = float_model(q4, work / "smollm2-f32")
-    common = dict(rank=8, targets="all-linear", warmup=args.warmup, steps=args.steps, seed=0)
+    common = dict(rank=8, targets="all-linear", warmup=args.warmup, steps=args.steps, seed=0,
+                  batch_size=args.batch_size)
     cases = {
         "a": ("SmolLM2-135M 4-bit, demo data", dict(model=str(q4), train_file=str(ROOT / "examples/devil/train.jsonl"),
-                                                     batch_size=4, max_seq_length=256)),
-        "b": ("SmolLM2-135M float32, fixed-length text", dict(model=str(f32), batch_size=4, max_seq_length=256,
+                                                     batch_size=args.batch_size, max_seq_length=args.max_seq_length)),
+        "b": ("SmolLM2-135M float32, fixed-length text", dict(model=str(f32), batch_size=args.batch_size,
+                                                               max_seq_length=args.max_seq_length,
                                                                train_file=str(fixed_length_text(q4, work / "fixed.jsonl")))),
-        "c": ("SmolLM2-135M float32, chats 16-1024 tokens", dict(model=str(f32), batch_size=4, max_seq_length=1024,
+        "c": ("SmolLM2-135M float32, chats 16-1024 tokens", dict(model=str(f32), batch_size=args.batch_size,
+                                                                   max_seq_length=4 * args.max_seq_length,
                                                                    train_file=str(chat_set(work / "chat.jsonl")))),
     }
     anchors = [a for a in args.anchors.split(",") if a]
@@ -170,7 +175,7 @@ def _cpu_name() -> str:
 
 def markdown(meta: dict, results: dict, anchors: list[str]) -> str:
     lines = [f"Measured {meta['date']} on {meta['cpu']} ({meta['machine']}); rank {meta['settings']['rank']} "
-             f"all-linear, batch 4, median of {meta['repeats']} runs of {meta['settings']['steps']} steps after "
+             f"all-linear, batch {meta['settings']['batch_size']}, median of {meta['repeats']} runs of {meta['settings']['steps']} steps after "
              f"{meta['settings']['warmup']} warm-up.", "",
              "| case | mlxlora tok/s | " + " | ".join(f"{a} tok/s | ratio vs {a}" for a in anchors)
              + " | peak mem mlxlora / mlx-lm | padding mlxlora / mlx-lm | mlxlora GFLOP/s (of sgemm peak) |",
