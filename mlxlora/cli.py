@@ -239,11 +239,8 @@ COMMAND_MODULES = [
 
 def _register_commands() -> None:
     import importlib
-    import importlib.util
 
     for module, attr in COMMAND_MODULES:
-        if importlib.util.find_spec(module) is None:  # not written yet (development)
-            continue
         cli.add_command(getattr(importlib.import_module(module), attr))
 
 

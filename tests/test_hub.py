@@ -355,3 +355,21 @@ def test_cli_upload(hub, hf_env, adapter, monkeypatch):
     assert hub.repos[REPO]["create"]["visibility"] == "private" and hub.commits[0]["summary"] == "v1"
     assert sorted(hub.repos[REPO]["files"]) == ADAPTER_FILES
     one_line_error(runner.invoke(cli, ["upload", str(adapter), "--repo", "nouser"]), "user/name")
+
+
+def test_cli_fuse_upload_chains_the_real_fuse(hub, hf_env, trained, tmp_path, monkeypatch):
+    """`mlxlora fuse --upload` fuses, then uploads exactly the folder it wrote."""
+    import huggingface_hub.constants as C
+
+    _, model, out = trained
+    monkeypatch.setattr(C, "ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    fused = tmp_path / "fused"
+    res = CliRunner().invoke(cli, ["fuse", "--model", str(model), "--adapter", str(out), "--out", str(fused),
+                                   "--upload", "alice/fused-cli", "--private"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    files = hub.repos["alice/fused-cli"]["files"]
+    assert sorted(files) == sorted(p.name for p in fused.iterdir())
+    assert "fuse_report.json" in files and "README.md" in files
+    assert front_matter(files["README.md"].decode())["library_name"] == "mlx"
+    assert hub.repos["alice/fused-cli"]["create"]["visibility"] == "private"

@@ -24,7 +24,10 @@ import click
               "[default: the adapter's training data, else random tokens]")
 @click.option("--report", "show_report", is_flag=True, help="Print the per-layer report too.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def fuse(model, adapter, out, bits, group_size, strategy, size_budget, fmt, data, calibration, show_report, force):
+@click.option("--upload", "upload_repo", help="Then upload the fused folder to this Hub repo (user/name).")
+@click.option("--private", is_flag=True, help="With --upload: create the repo private.")
+def fuse(model, adapter, out, bits, group_size, strategy, size_budget, fmt, data, calibration, show_report, force,
+         upload_repo, private):
     """Fuse an adapter into its base model; writes fuse_report.json beside the weights.
 
     Example: mlxlora fuse --model ./smollm2-q4 --adapter runs/devil --out fused/devil
@@ -37,6 +40,10 @@ def fuse(model, adapter, out, bits, group_size, strategy, size_budget, fmt, data
     if show_report:
         click.echo(format_report(report))
     click.echo(summary_line(report, folder))
+    if upload_repo:
+        from ..hub import upload_after_fuse
+
+        click.echo(f"uploaded: {upload_after_fuse(folder, upload_repo, adapter=adapter, private=private)}")
 
 
 def summary_line(report: dict, folder) -> str:
