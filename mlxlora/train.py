@@ -149,6 +149,11 @@ class Trainer:
         t0, stop = time.perf_counter(), _StopSignals(self.out, self.rank)
         try:
             self._loop(model, optimizer, stepper, st, total, stop)
+        except RuntimeError as e:
+            if self.world == 1:
+                raise
+            # A peer rank died: the ring reports it here unless mlx.launch's SIGTERM came first.
+            raise TrainingStopped(stop.message(f"lost a peer rank ({str(e).splitlines()[0]})")) from None
         finally:
             stop.restore()
         if stop.hit:
@@ -344,11 +349,15 @@ class _StopSignals:
             raise KeyboardInterrupt
         self.hit = True
 
-    def _sigterm(self, signum, frame):
+    def message(self, why: str) -> str:
         ckpts = list_checkpoints(self.out / "checkpoints")
         last = f"last checkpoint {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
-        sys.stderr.write(f"Error: rank {self.rank}: training stopped by SIGTERM (under mlx.launch: another rank "
-                         f"died or was stopped); {last}; resume with: mlxlora train --resume {self.out} (same flags)\n")
+        return (f"rank {self.rank}: training stopped: {why}; {last}; "
+                f"resume with: mlxlora train --resume {self.out} (same flags)")
+
+    def _sigterm(self, signum, frame):
+        why = "SIGTERM (under mlx.launch: another rank died or was stopped)"
+        sys.stderr.write(f"Error: {self.message(why)}\n")
         sys.stderr.flush()
         os._exit(143)
 

@@ -81,8 +81,10 @@ def test_killed_rank_ends_run_with_error_and_usable_checkpoint(setup, tmp_path):
         "t.callbacks.append(die)\n"
         "t.run()\n")
     res = _launch([script], port=35260, timeout=300)
-    # mlx.launch itself exits 0 after SIGTERM-ing the survivors; the surviving rank says what happened.
-    assert "Error: rank 0: training stopped by SIGTERM" in res.stderr, res.stderr[-3000:]
+    # mlx.launch itself exits 0 after SIGTERM-ing the survivors; the surviving rank says what happened:
+    # either the launcher's SIGTERM arrived first, or the ring reported the lost peer first.
+    assert "rank 0: training stopped: " in res.stderr, res.stderr[-3000:]
+    assert ("SIGTERM" in res.stderr) or ("lost a peer rank" in res.stderr)
     assert "mlxlora train --resume" in res.stderr
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
     assert ckpt.is_dir()
