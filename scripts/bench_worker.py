@@ -81,7 +81,8 @@ def run_mlx_lm(spec: dict, out: Path) -> dict:
     linear_to_lora_layers(model, len(model.layers), {"rank": spec["rank"], "scale": 2.0, "dropout": 0.0,
                                                      **({"keys": keys} if keys else {})})
     rows = [json.loads(line) for line in Path(spec["train_file"]).read_text().splitlines() if line.strip()]
-    data = CacheDataset(create_dataset(rows, tok, SimpleNamespace(mask_prompt=True)))
+    # mlx-lm masks prompts only for prompt/completion and chat rows; text rows train on every token.
+    data = CacheDataset(create_dataset(rows, tok, SimpleNamespace(mask_prompt="text" not in rows[0])))
     tokens_per_batch, area, marks = [], [], []
 
     def counting_batches(**kw):
