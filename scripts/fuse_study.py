@@ -43,7 +43,7 @@ def train_demo_adapter(model_dir: Path, out: Path) -> Path:
 
 def share_calibration(fuse_module) -> None:
     """Calibration statistics and the base/adapter losses do not depend on the strategy: compute them once."""
-    fuse_module.collect_hessians = _memo(fuse_module.collect_hessians)
+    fuse_module.R.collect_hessians = _memo(fuse_module.R.collect_hessians)
     before = fuse_module._losses_before
     cache = {}
 
@@ -98,9 +98,9 @@ def main(argv=None) -> int:
                         "mb": size["fused_bytes"] / 1e6, "naive_mb": size["naive_bytes"] / 1e6,
                         "seconds": time.perf_counter() - t0})
         print(f"  {label}: done in {results[-1]['seconds']:.0f}s", file=sys.stderr, flush=True)
+        if args.json:  # after every row: a long run that dies still leaves what it measured
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

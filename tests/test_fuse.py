@@ -130,7 +130,7 @@ def test_bits_on_a_float_base_and_bad_options_are_config_errors(dirs):
     base = wrap(dirs["llama"], LoraConfig(r=4))
     with pytest.raises(ConfigError, match="not quantized"):
         fuse_model(base, bits=4)
-    for bad in ({"bits": 7}, {"group_size": 48}, {"strategy": "magic"}):
+    for bad in ({"bits": 7}, {"bits": "seven"}, {"group_size": 48}, {"strategy": "magic"}, {"size_budget": 0.9}):
         with pytest.raises(ConfigError):
             FuseConfig(**bad)
 
@@ -237,7 +237,7 @@ def test_default_keeps_the_fine_tune_that_naive_rounds_away(dirs, trained):
 
 def test_random_token_calibration_beats_naive(dirs, trained):
     """Without data, random tokens stand in for the calibration rows: far better than naive still
-    (on the real demo model: 99 % kept vs 72 %, scripts/fuse_study.py)."""
+    (on the real demo model: 102 % kept vs 72 %, scripts/fuse_study.py)."""
     rep = fuse_trained(dirs, trained, calibration="random")
     assert rep["calibration"]["data"] == "random tokens" and rep["strategy"] == "refit"
     naive = fuse_trained(dirs, trained, calibration=False)
