@@ -29,13 +29,7 @@ def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
-def one_line_error(res, *needles):
-    assert res.exit_code != 0, res.output
-    err = res.output.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("Error: "), res.output
-    for n in needles:
-        assert n in err[0], (n, err[0])
-    assert "Traceback" not in res.output
+one_line_error = tiny.one_line_error
 
 
 def test_train_generate_eval(env):

@@ -175,12 +175,7 @@ def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
-def one_line_error(res, *needles):
-    assert res.exit_code == 1, res.output
-    lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), res.output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
+one_line_error = tiny.one_line_error
 
 
 def test_cli_export_model(models, peers, tmp_path):

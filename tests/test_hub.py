@@ -331,12 +331,7 @@ def test_upload_after_fuse_names_base_and_adapter(hub, hf_env, trained, tmp_path
     assert hub.commits[0]["summary"] == "Upload mlx with mlxlora"
 
 
-def one_line_error(res, *needles):
-    assert res.exit_code == 1, res.output
-    lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), res.output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
+one_line_error = tiny.one_line_error
 
 
 def test_cli_upload(hub, hf_env, adapter, monkeypatch):

@@ -113,3 +113,13 @@ def randomize_adapters(model, seed: int = 1, dtype=None):
                 if name in layer:
                     layer[name] = layer[name].astype(dtype)
     return model
+
+
+def one_line_error(res, *needles):
+    """A CliRunner result that failed the way every mlxlora error must: exit 1, one `Error: ...` line naming `needles`."""
+    assert res.exit_code == 1, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.output
+    assert "Traceback" not in res.output
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
