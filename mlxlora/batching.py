@@ -15,6 +15,7 @@ from . import data as D
 from . import packing as P
 from .checkpoint import TrainerState
 from .errors import ConfigError
+from .head import target_rows
 
 
 class BatchPlan:
@@ -75,4 +76,7 @@ class BatchPlan:
             arrays = D.collate(self.samples, part, self.cfg.pad_multiple, self.pad_id)
         if empty:
             arrays[2][:] = 0  # no loss, no gradient: this rank only joins the collective
-        return tuple(mx.array(a) for a in arrays)
+        if not self.pack:
+            arrays = (*arrays, None)  # no segments
+        rows = target_rows(arrays[2])
+        return tuple(None if a is None else mx.array(a) for a in (*arrays, rows))

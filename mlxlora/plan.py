@@ -8,6 +8,7 @@ gradients + AdamW moments + activations.
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from .config import LoraConfig, TrainConfig
 from .errors import ConfigError, ModelError
+from .head import padded_rows
 # Reading a model lives in shapes.py; its public names stay importable from here.
 from .shapes import (BYTES, DTYPE_CODES, FLOATS, Matrix, ModelShapes, config_matrices,
                      dims, header_matrices, read_model, read_safetensors_header)
@@ -170,8 +172,9 @@ def _working_set(d: dict, B: int, L: int, mlp: bool, outs: dict[int, int], dora:
 
 
 def _logits_bytes(T: int, V: int, act_bytes: int, config: dict) -> int:
-    """Logits (B, L, V) in float32 for the loss, kept for logsumexp's backward, then softmax and the
-    logits' gradient, plus one temporary of the same size (measured: 3.8-3.95 copies)."""
+    """Logits (T, V) in float32 for the loss, kept for logsumexp's backward, then softmax and the
+    logits' gradient, plus one temporary of the same size (measured: 3.8-3.95 copies). T: the rows
+    the head projects (head.py: only the target tokens, rounded up to a level)."""
     logits = 4 * T * V * 4 + (T * V * act_bytes if act_bytes != 4 else 0)
     if config.get("final_logit_softcapping"):  # tanh(logits / c) * c keeps its tanh (not measured)
         logits += T * V * 4
@@ -180,12 +183,13 @@ def _logits_bytes(T: int, V: int, act_bytes: int, config: dict) -> int:
 
 def activation_terms(shapes: ModelShapes, adapted: list[tuple[Matrix, int]], batch_size: int, seq_len: int,
                      grad_checkpoint: bool = False, act_bytes: int = 4, dora: bool = False,
-                     cpu_dequant: bool = False) -> dict[str, int]:
+                     cpu_dequant: bool = False, loss_fraction: float = 1.0) -> dict[str, int]:
     """Bytes of activation memory at the peak of one micro-batch (forward + backward), term by term.
 
     A decoder-only block (RMSNorm, attention, SwiGLU MLP) at the worst case: every sample padded to
     `seq_len`. Blocks below the lowest adapted one keep nothing (no gradient reaches them).
-    `cpu_dequant`: quantized layers run mlxlora's CPU dequantize+matmul path.
+    `cpu_dequant`: quantized layers run mlxlora's CPU dequantize+matmul path. `loss_fraction`: the
+    share of the batch's tokens that carry loss (1.0, the worst case, unless known).
     """
     d = dims(shapes.config)
     B, L, T = batch_size, seq_len, batch_size * seq_len
@@ -197,7 +201,7 @@ def activation_terms(shapes: ModelShapes, adapted: list[tuple[Matrix, int]], bat
     kept = {i: _kept(d, model_type, B, L, roles.get(i, set()), extra.get(i, 0)) for i in reached}
     mlp = {i for i, r in roles.items() if r & {"mlp_in", "mlp_out"}}
     work = int(_working_set(d, B, L, bool(mlp), outs, dora) * act_bytes) if reached else 0
-    logits = _logits_bytes(T, V, act_bytes, shapes.config)
+    logits = _logits_bytes(padded_rows(math.ceil(T * loss_fraction), T), V, act_bytes, shapes.config)
     if not grad_checkpoint:  # everything kept is alive when the backward starts
         terms = {"kept for backward": sum(kept.values()) * act_bytes,
                  "backward working set": work, "logits and their gradient": logits}
@@ -214,22 +218,24 @@ def activation_terms(shapes: ModelShapes, adapted: list[tuple[Matrix, int]], bat
             terms = {"block inputs (checkpointed)": inputs, "logits and their gradient": logits}
         terms["backward working set"] = work
     if cpu_dequant or dora:
-        terms.update(_dequantized(shapes, adapted, reached, grad_checkpoint, cpu_dequant, act_bytes))
+        terms.update(_dequantized(shapes, adapted, reached, grad_checkpoint, cpu_dequant, dora, act_bytes))
     return terms
 
 
-def _dequantized(shapes, adapted, reached, grad_checkpoint, cpu_dequant, act_bytes) -> dict[str, int]:
-    """The float copy of a quantized weight stays alive from a block's forward to its backward:
-    measured on the CPU dequantize+matmul path (every quantized layer, and the output head); DoRA's
-    forward needs it on any backend (its adapted layers)."""
+def _dequantized(shapes, adapted, reached, grad_checkpoint, cpu_dequant, dora, act_bytes) -> dict[str, int]:
+    """Float copies of quantized weights. DoRA's forward needs its adapted layers' float weight on any
+    backend, kept from a block's forward to its backward. The CPU dequantize+matmul path (quant.py)
+    dequantizes again in the backward, a slice of at most CHUNK_ELEMENTS weights at a time; mx.dequantize
+    holds twice its output while it runs (measured, mlx 0.32 CPU)."""
+    from .quant import CHUNK_ELEMENTS
     from .surgery import block_index
 
-    dora_mats = [a for a, _ in adapted]
+    dora_mats = [a for a, _ in adapted] if dora else []
     per_block = [sum(m.rows * m.cols for m in shapes.matrices if m.bits and block_index(m.path) == i
-                     and (cpu_dequant or any(a is m for a in dora_mats))) for i in reached]
+                     and any(a is m for a in dora_mats)) for i in reached]
     n = max(per_block, default=0) if grad_checkpoint else sum(per_block)
     if cpu_dequant:
-        n += max((m.rows * m.cols for m in shapes.matrices if m.bits and block_index(m.path) is None), default=0)
+        n += 2 * min(CHUNK_ELEMENTS, max((m.rows * m.cols for m in shapes.matrices if m.bits), default=0))
     return {"dequantized weights": n * act_bytes} if n else {}
 
 
@@ -238,13 +244,15 @@ def plan_training(model_spec: str | dict | ModelShapes, lora: LoraConfig, *, qua
                   group_size: int = TrainConfig.q_group_size, batch_size: int = TrainConfig.batch_size,
                   max_seq_length: int = TrainConfig.max_seq_length, grad_checkpoint: bool = False,
                   compute_dtype: str | None = "float32", memory_bytes: int | None = None,
-                  grad_accum: int = TrainConfig.grad_accum, backend: str | None = None) -> Plan:
+                  grad_accum: int = TrainConfig.grad_accum, backend: str | None = None,
+                  loss_fraction: float = 1.0) -> Plan:
     """Parameters and predicted peak memory of training `lora` on `model_spec`, without loading weights.
 
     compute_dtype: what float weights and activations are computed in (float32 on CPU; None keeps the
     checkpoint's dtype, as on Metal). backend "cpu" | "gpu" (default: this machine's mlx device) picks
     the CPU dequantize+matmul path for quantized layers. memory_bytes: the budget (default: this
-    machine's, see `machine_memory`). Raises ModelError, or ConfigError when no layer matches (as training).
+    machine's, see `machine_memory`). loss_fraction: share of tokens that carry loss (default 1.0,
+    the worst case; the head projects only those). Raises ModelError, or ConfigError when no layer matches (as training).
     """
     if compute_dtype not in (None, *DTYPE_CODES):
         raise ConfigError(f"compute_dtype must be one of {', '.join(DTYPE_CODES)} or None, got {compute_dtype!r}")
@@ -259,7 +267,7 @@ def plan_training(model_spec: str | dict | ModelShapes, lora: LoraConfig, *, qua
     compute_dtype = compute_dtype or {v: k for k, v in DTYPE_CODES.items()}.get(_float_dtype(shapes), "float16")
     backend = backend or default_backend()
     terms = activation_terms(shapes, adapted, batch_size, max_seq_length, grad_checkpoint,
-                             BYTES[DTYPE_CODES[compute_dtype]], lora.use_dora, backend == "cpu")
+                             BYTES[DTYPE_CODES[compute_dtype]], lora.use_dora, backend == "cpu", loss_fraction)
     params, moments = 4 * trainable, 8 * trainable  # adapters train in float32; AdamW: m and v
     grads = params * (2 if grad_accum > 1 else 1)  # + the running sum when accumulating
     static = base + params + moments

@@ -31,21 +31,38 @@ def float_weight(layer) -> mx.array:
     return layer.weight
 
 
+# Dequantize at most this many weights at a time (32 MiB in float32): a large matrix (a 49k- or
+# 128k-token output head) is processed in slices of output rows, so its float copy never exists whole.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def _row_slices(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    return [(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
 def _dequant_matmul_fn(group_size: int, bits: int, mode: str, has_biases: bool):
     """x @ dequantize(w).T with a VJP that re-dequantizes instead of keeping the float weight."""
 
-    def deq(w, scales, biases):
-        return mx.dequantize(w, scales, biases if has_biases else None,
+    def deq(w, scales, biases, i, j):  # output rows i:j as float (j - i, in)
+        return mx.dequantize(w[i:j], scales[i:j], biases[i:j] if has_biases else None,
                              group_size=group_size, bits=bits, mode=mode)
 
     @mx.custom_function
     def f(x, w, scales, biases):
-        return x @ deq(w, scales, biases).astype(x.dtype).T
+        parts = [x @ deq(w, scales, biases, i, j).astype(x.dtype).T for i, j in _row_slices(scales.shape[0], x.shape[-1])]
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
     @f.vjp
     def f_vjp(primals, cotangent, output):
         x, w, scales, biases = primals
-        dx = cotangent @ deq(w, scales, biases).astype(cotangent.dtype)
+        # Tie the re-dequantization to the cotangent: otherwise mx.compile merges it with the forward's
+        # identical dequantize (common subexpression) and keeps that float copy alive until the backward.
+        (w,) = mx.depends([w], [cotangent])
+        dx = None
+        for i, j in _row_slices(scales.shape[0], x.shape[-1]):
+            part = cotangent[..., i:j] @ deq(w, scales, biases, i, j).astype(cotangent.dtype)
+            dx = part if dx is None else dx + part
         # The quantized base is frozen: its cotangents are never used.
         return dx, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
 

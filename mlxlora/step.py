@@ -15,22 +15,30 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from . import head
 from .config import TrainConfig
 
 
 def loss_sums(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array,
-              segments: mx.array | None = None):
+              segments: mx.array | None = None, rows: mx.array | None = None):
     """(sum of masked token cross-entropies, number of target tokens). inputs/targets/mask: (B, L).
 
     segments (B, L): per-token sample ids of a packed batch (see packing.py), or None.
+    rows (N,): flattened positions that carry loss (head.target_rows); the head then projects only
+    those rows. A model whose head is not recognised returns full logits and the loss uses them.
     """
-    if segments is None:
-        logits = model(inputs)
-    else:
-        from .packing import packed_logits
+    if rows is not None:
+        head.enable(model)
+    with head.only_rows(rows):
+        if segments is None:
+            logits = model(inputs)
+        else:
+            from .packing import packed_logits
 
-        logits = packed_logits(model, inputs, segments)
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * mask  # (B, L)
+            logits = packed_logits(model, inputs, segments)
+    if rows is not None and logits.shape[:2] != targets.shape:  # (1, N, V): only the target rows
+        targets, mask = targets.reshape(-1)[rows][None], mask.reshape(-1)[rows][None]
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * mask  # (B, L) or (1, N)
     return ce.sum(), mask.sum()
 
 
@@ -73,7 +81,7 @@ class Stepper:
 
         # model.state is an output too: value_and_grad swaps traced parameters into the model.
         @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
-        def micro(*batch):  # (inputs, targets, mask) or (inputs, targets, mask, segments)
+        def micro(*batch):  # (inputs, targets, mask[, segments[, rows]]), see loss_sums
             (lsum, ntok), grads = vg(model, *batch)
             return lsum, ntok, grads
 
@@ -91,7 +99,7 @@ class Stepper:
         self.comm_seconds, self.comm_bytes, self.comm_calls = 0.0, 0, 0
 
     def step(self, batches) -> tuple[mx.array, mx.array, mx.array]:
-        """One optimizer step over micro-batches [(inputs, targets, mask[, segments]), ...].
+        """One optimizer step over micro-batches [(inputs, targets, mask[, segments[, rows]]), ...].
 
         Returns (mean loss, target tokens, grad norm), unevaluated; with several micro-batches
         each one is evaluated before the next so only one holds activations at a time.

@@ -23,6 +23,7 @@ from .errors import AdapterError, ConfigError, MlxloraError
 from .models import Base, load_base
 from .progress import Progress
 from .record import run_record
+from .head import target_rows
 from .step import Stepper, grad_checkpoint_blocks, loss_sums, make_optimizer
 from .surgery import count_parameters, get_lora_model
 
@@ -61,8 +62,10 @@ def evaluate(model, split: D.Split, batch_size: int, pad_multiple: int, pad_id: 
         batches = batches[:max_batches]
     total, ntok = mx.array(0.0), mx.array(0.0)
     for idxs in batches:
-        x, y, m = (mx.array(a) for a in D.collate(split.samples, idxs, pad_multiple, pad_id))
-        lsum, n = loss_sums(model, x, y, m)
+        x, y, m = D.collate(split.samples, idxs, pad_multiple, pad_id)
+        rows = target_rows(m)
+        lsum, n = loss_sums(model, mx.array(x), mx.array(y), mx.array(m), None,
+                            None if rows is None else mx.array(rows))
         total, ntok = total + lsum, ntok + n
         mx.eval(total, ntok)  # keep memory bounded: one batch of activations at a time
     return (total / mx.maximum(ntok, 1)).item()

@@ -41,6 +41,7 @@ def run_mlxlora(spec: dict, out: Path) -> dict:
     base = load_base(spec["model"])
     n_params = sum(v.size for _, v in _float_sizes(base.model))
     trainer = Trainer(cfg, base=base, callbacks=[lambda st: marks.append((time.perf_counter(), st.tokens))])
+    shapes = _record_batches(trainer.batches)
     mx.reset_peak_memory()
     trainer.run()
     plan = trainer.batches.plan(0)
@@ -48,7 +49,32 @@ def run_mlxlora(spec: dict, out: Path) -> dict:
     from mlxlora.packing import padding_fraction
 
     pad = padding_fraction(lengths, plan, trainer.batches.pack, cfg.pad_multiple)
-    return _summary(marks, spec["warmup"], mx.get_peak_memory(), pad, n_params, packed=trainer.batches.pack)
+    out = _summary(marks, spec["warmup"], mx.get_peak_memory(), pad, n_params, packed=trainer.batches.pack)
+    return dict(out, **_planned(cfg, base, shapes, out["peak_memory"]))
+
+
+def _record_batches(batches) -> list:
+    """Wrap BatchPlan.next to record (B, L, loss tokens) of every micro-batch trained."""
+    seen, inner = [], batches.next
+
+    def next_(st):
+        micro, real = inner(st)
+        seen.extend((b[0].shape[0], b[0].shape[1], int(b[2].sum().item())) for b in micro)
+        return micro, real
+
+    batches.next = next_
+    return seen
+
+
+def _planned(cfg, base, shapes: list, measured: int) -> dict:
+    """mlxlora.plan's predicted peak for the largest batch trained, against the measured peak."""
+    from mlxlora.plan import plan_training
+
+    B, L, n_loss = max(shapes, key=lambda s: (s[0] * s[1], s[2]))
+    pre_quantized = bool(base.config.get("quantization"))
+    plan = plan_training(str(base.path), cfg.lora, quantize=None if pre_quantized else cfg.quantize,
+                         batch_size=B, max_seq_length=L, loss_fraction=n_loss / (B * L))
+    return {"planned_peak": plan.peak_bytes, "plan_ratio": plan.peak_bytes / measured, "largest_batch": [B, L, n_loss]}
 
 
 def _float_sizes(model):

@@ -99,17 +99,23 @@ def test_lora_fuse_exact_for_float_base():
     np.testing.assert_allclose(np.array(fused(x)), np.array(layer(x)), atol=1e-5)
 
 
-def test_cpu_fast_path_equals_quantized_matmul_and_grads():
+@pytest.mark.parametrize("chunk", [None, 64 * 7])  # default, or slices of 7 output rows (5 slices, last of 4)
+def test_cpu_fast_path_equals_quantized_matmul_and_grads(chunk, monkeypatch):
+    from mlxlora import quant
+
+    if chunk:
+        monkeypatch.setattr(quant, "CHUNK_ELEMENTS", chunk)
     mx.random.seed(0)
     q = nn.QuantizedLinear.from_linear(nn.Linear(64, 32, bias=True), group_size=32, bits=4)
-    x = mx.random.normal((3, 64))
+    x = mx.random.normal((2, 10, 64))  # 20 rows: the dequantize path (MIN_ROWS_FOR_DEQUANT = 16)
     ref = q(x)
     holder = nn.Sequential(q)
     assert use_fast_cpu_path(holder, force=True) == 1 and type(holder.layers[0]) is CPUQuantizedLinear
     np.testing.assert_allclose(np.array(holder(x)), np.array(ref), atol=1e-4)
     w = np.array(dequantize_weight(q))
-    g = mx.grad(lambda x: holder(x).sum())(x)  # d/dx sum(x W^T) = column sums of W
-    np.testing.assert_allclose(np.array(g), np.broadcast_to(w.sum(0), (3, 64)), atol=1e-4)
+    c = mx.random.normal(ref.shape)
+    for grad in (mx.grad(lambda x: (holder(x) * c).sum()), mx.compile(mx.grad(lambda x: (holder(x) * c).sum()))):
+        np.testing.assert_allclose(np.array(grad(x)), np.array(c) @ w, atol=1e-4)  # d/dx sum(c * x W^T) = c W
 
 
 def _tiny_llama(layers=4, quant=False):
