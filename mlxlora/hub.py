@@ -1,6 +1,6 @@
 """Share adapters and models: export a transformers folder, write its card, upload to the Hugging Face Hub.
 
-Uploads go through huggingface_hub's `HfApi` (create_repo, then upload_folder). The token
+Uploads go through huggingface_hub's `HfApi` (create_repo, then one create_commit). The token
 comes from the argument, HF_TOKEN or huggingface_hub's login cache; it is handed to HfApi and
 never printed, logged or written. Checkpoints and hidden/temporary files are not uploaded.
 """
@@ -24,6 +24,10 @@ IGNORE_PATTERNS = ["checkpoints/*", "checkpoints", ".*", "*/.*", "*.tmp", "*.par
 LOGIN_HINT = ("log in with `hf auth login` (or set HF_TOKEN to a write token from "
               "https://huggingface.co/settings/tokens)")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+# JSON files that record local paths (the base folder, data files, a resumed run). Their uploaded
+# copies show only each absolute path's last component; the local files stay as they are.
+PUBLIC_JSON = ("mlxlora.json", "adapter_config.json", "fuse_report.json")
+_ABS_PATH = re.compile(r"^(/|~|[A-Za-z]:[\\/])")
 
 
 
@@ -119,7 +123,7 @@ def upload(path, repo_id: str, *, private: bool = False, message: str | None = N
 
     Creates the repo if needed (private when `private`), writes or refreshes README.md (a card
     the user wrote is kept), then uploads every file except checkpoints/ and hidden/temporary
-    files. base_model: the base's hub id for the card, when the folder records only a local
+    files in one commit; the uploaded JSON records hold no local paths (public_json). base_model: the base's hub id for the card, when the folder records only a local
     path. Raises HubError (one line, never containing the token) when there is no token, the
     folder is not an adapter/model, or the Hub refuses.
     """
@@ -131,14 +135,49 @@ def upload(path, repo_id: str, *, private: bool = False, message: str | None = N
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, token=tok)
+    operations = upload_operations(d, base_model)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(folder_path=str(d), repo_id=repo_id, repo_type="model",
-                                 commit_message=message or f"Upload {kind} with mlxlora",
-                                 ignore_patterns=list(IGNORE_PATTERNS))
+        info = api.create_commit(repo_id, operations, repo_type="model",
+                                 commit_message=message or f"Upload {kind} with mlxlora")
     except _hub_errors() as e:
         raise HubError(_explain(e, repo_id, api.endpoint).replace(tok, "<token>")) from None
     return str(info.commit_url)
+
+
+def upload_operations(folder: Path, base_model: str | None = None) -> list:
+    """The commit that uploads `folder`: every file but IGNORE_PATTERNS, PUBLIC_JSON files made public."""
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.utils import filter_repo_objects
+
+    names = sorted(f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file())
+    return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=public_json(folder / name, base_model)
+                               if name in PUBLIC_JSON else str(folder / name))
+            for name in filter_repo_objects(names, ignore_patterns=IGNORE_PATTERNS)]
+
+
+def public_json(path: Path, base_model: str | None = None) -> bytes:
+    """The contents of JSON file `path` with every absolute local path cut to its last component;
+    PEFT's base_model_name_or_path becomes `base_model` (a hub id) when given. A file that is not
+    JSON is returned unchanged."""
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return raw
+
+    def clean(value, key=None):
+        if isinstance(value, dict):
+            return {k: clean(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, str) and _ABS_PATH.match(value):
+            if key == "base_model_name_or_path" and base_model:
+                return base_model
+            return re.split(r"[\\/]", value.rstrip("/\\"))[-1]
+        return value
+
+    return (json.dumps(clean(data), indent=2) + "\n").encode()
 
 
 def upload_after_fuse(out_dir, repo_id: str, *, adapter=None, base_model: str | None = None, **kw) -> str:

@@ -25,7 +25,7 @@ from mlxlora import LoraConfig, TrainConfig, get_lora_model
 from mlxlora.adapters import save_adapter
 from mlxlora.cards import adapter_card, card_inputs, front_matter, model_card
 from mlxlora.cli import cli
-from mlxlora.hub import HubError, ensure_card, export_model, folder_kind, upload, upload_after_fuse
+from mlxlora.hub import PUBLIC_JSON, HubError, ensure_card, export_model, folder_kind, upload, upload_after_fuse
 from mlxlora.models import load_base
 from mlxlora.surgery import adapter_layers
 from mlxlora.train import train
@@ -189,8 +189,19 @@ def test_upload_adapter_through_real_client(hub, hf_env, adapter, trained, monke
     assert all(r["headers"]["authorization"] == f"Bearer {TOKEN}" for r in hub.requests)
     files = hub.repos[REPO]["files"]
     assert sorted(files) == ADAPTER_FILES  # no checkpoints/, hidden folder, .DS_Store, *.tmp or backup
+    home = trained[0]
     for name, content in files.items():
-        assert content == (adapter / name).read_bytes(), name
+        if name not in PUBLIC_JSON:
+            assert content == (adapter / name).read_bytes(), name
+            continue
+        text = content.decode()  # the run's local paths stay home; everything else is as written
+        assert str(home) not in text and "/alice/" not in text and str(adapter.parent) not in text, name
+    rec_up = json.loads(files["mlxlora.json"])["run_record"]
+    rec_local = json.loads((adapter / "mlxlora.json").read_text())["run_record"]
+    assert rec_local["data"]["train"]["path"] == str(home / "data" / "train.jsonl")  # local file untouched
+    assert rec_up["data"]["train"] == dict(rec_local["data"]["train"], path="train.jsonl")
+    assert rec_up["base_path"] == "tiny-llama" and rec_up["steps"] == rec_local["steps"]
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == BASE_ID
     assert hub.commits[0]["summary"] == "Upload adapter with mlxlora"
 
     card = files["README.md"].decode()
@@ -206,7 +217,6 @@ def test_upload_adapter_through_real_client(hub, hf_env, adapter, trained, monke
     assert f"| trained | {rec['written']} |" in card and f"mlx-lm {rec['versions']['mlx-lm']}" in card
     assert f"mlxlora generate --model {BASE_ID} --adapter {REPO}" in card
     assert f'PeftModel.from_pretrained(base, "{REPO}")' in card and "mlxlora export-adapter adapter --to mlx-lm" in card
-    home = trained[0]
     assert str(home) not in card and str(adapter.parent) not in card and "/alice/" not in card
     # the token went only into the Authorization header: no file, card, log line or output holds it
     assert TOKEN not in all_text(adapter, hf_env) + card
@@ -366,5 +376,8 @@ def test_cli_fuse_upload_chains_the_real_fuse(hub, hf_env, trained, tmp_path, mo
     files = hub.repos["alice/fused-cli"]["files"]
     assert sorted(files) == sorted(p.name for p in fused.iterdir())
     assert "fuse_report.json" in files and "README.md" in files
+    home = str(trained[0])
+    assert home in (fused / "fuse_report.json").read_text()  # the local report keeps its paths
+    assert all(home not in content.decode("latin-1") for content in files.values())  # no local paths leave
     assert front_matter(files["README.md"].decode())["library_name"] == "mlx"
     assert hub.repos["alice/fused-cli"]["create"]["visibility"] == "private"
