@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench.py [--repeats 2] [--steps 4] [--out bench]
 
 Cases: (a) the real SmolLM2-135M 4-bit (from its GGUF) on the demo data; (b) a float32 base
-of the same shape on fixed-length text; (c) a variable-length chat set (16-1024 tokens).
+of the same shape on fixed-length text; (c) a variable-length chat set (48 chats, ~50-1000 tokens).
 Each run is its own process. mlxlora runs as the `mlxlora` command would (OpenBLAS preloaded
 on Linux); the anchor is mlx-lm as a user gets it (`mlx-lm`), and also mlx-lm with the same
 OpenBLAS preloaded (`mlx-lm+blas`) so the table separates what the BLAS gives from what our
@@ -86,7 +86,7 @@ def fixed_length_text(model_dir: Path, out: Path, n: int = 64, length: int = 128
 
 
 def chat_set(out: Path, n: int = 48, seed: int = 0) -> Path:
-    """Multi-turn chats from the demo data; turn counts drawn so lengths spread ~16-1024 tokens."""
+    """Multi-turn chats from the demo data; turn counts drawn so lengths spread ~50-1000 tokens."""
     rows = [json.loads(line) for line in (ROOT / "examples/devil/train.jsonl").open()]
     rng = random.Random(seed)
     chats = []
@@ -134,6 +134,7 @@ def main():
     f32 = float_model(q4, work / "smollm2-f32")
     common = dict(rank=8, targets="all-linear", warmup=args.warmup, steps=args.steps, seed=0,
                   batch_size=args.batch_size)
+    epoch_steps = -(-48 // args.batch_size)  # case c: the 48 chats of chat_set
     cases = {
         "a": ("SmolLM2-135M 4-bit, demo data", dict(model=str(q4), train_file=str(ROOT / "examples/devil/train.jsonl"),
                                                      batch_size=args.batch_size, max_seq_length=args.max_seq_length)),
@@ -141,10 +142,9 @@ def main():
                                                                max_seq_length=args.max_seq_length,
                                                                train_file=str(fixed_length_text(q4, work / "fixed.jsonl")))),
         # One whole epoch (48 chats) so both trainers meet the longest batch: comparable peaks.
-        "c": (f"SmolLM2-135M float32, chats 16-1024 tokens (one epoch: 1 + {-(-48 // args.batch_size) - 1} steps)", dict(model=str(f32), batch_size=args.batch_size,
-                                                                   max_seq_length=4 * args.max_seq_length,
-                                                                   train_file=str(chat_set(work / "chat.jsonl")),
-                                                                   warmup=1, steps=-(-48 // args.batch_size) - 1)),
+        "c": (f"SmolLM2-135M float32, chats up to 1024 tokens (one epoch: 1 + {epoch_steps - 1} steps)",
+              dict(model=str(f32), batch_size=args.batch_size, max_seq_length=4 * args.max_seq_length,
+                   train_file=str(chat_set(work / "chat.jsonl")), warmup=1, steps=epoch_steps - 1)),
     }
     anchors = [a for a in args.anchors.split(",") if a]
     results = {}
