@@ -71,3 +71,23 @@ def tree_items(tree):
     from mlx.utils import tree_flatten
 
     return tree_flatten(tree)
+
+
+def test_packed_batch_with_rows_equals_full_head(tmp_path):
+    """A packed batch (segment mask) with the head at loss rows gives the packed full-head loss."""
+    from mlxlora.data import Sample
+    from mlxlora.packing import collate_packed, pack_rows
+
+    model = load_base(str(tiny.make_model(tmp_path / "m", "llama"))).model
+    rng = np.random.default_rng(1)
+    samples = []
+    for _ in range(6):
+        n = int(rng.integers(6, 30))
+        samples.append(Sample(rng.integers(3, tiny.VOCAB_SIZE, n).tolist(), [False] * (n // 2) + [True] * (n - n // 2)))
+    packed = pack_rows([len(s.ids) - 1 for s in samples], capacity=64)
+    x, y, m, seg = collate_packed(samples, packed, 8, 0)
+    rows = target_rows(m)
+    assert rows is not None
+    full = loss_sums(model, *(mx.array(a) for a in (x, y, m, seg)))
+    sel = loss_sums(model, *(mx.array(a) for a in (x, y, m, seg, rows)))
+    assert sel[1].item() == full[1].item() and sel[0].item() == pytest.approx(full[0].item(), rel=1e-5)
