@@ -84,11 +84,14 @@ def save_checkpoint(ckpt_root: Path, state: TrainerState, write_adapter, optimiz
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        # The pointer goes first: a kill between it and the rename leaves it naming a missing folder, and
+        # latest_checkpoint falls back to the newest complete one. The other order left it naming the
+        # previous checkpoint while a newer complete one existed (resume then redid those steps).
+        atomic_write_text(ckpt_root / "latest", name)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(ckpt_root)
-        atomic_write_text(ckpt_root / "latest", name)
         if best:
             atomic_write_text(ckpt_root / BEST_FILE, name)
     except (OSError, RuntimeError) as e:  # mlx reports a failed write as RuntimeError
