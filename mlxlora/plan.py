@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import LoraConfig, TrainConfig
 from .errors import ConfigError, ModelError
+from .attention import score_elements
 from .head import padded_rows
 # Reading a model lives in shapes.py; its public names stay importable from here.
 from .shapes import (BYTES, DTYPE_CODES, FLOATS, Matrix, ModelShapes, config_matrices,
@@ -137,19 +138,19 @@ def _blocks(adapted: list[tuple[Matrix, int]], n_blocks: int, dora: bool):
     return roles, extra, outs, first
 
 
-def _kept(d: dict, model_type: str | None, B: int, L: int, roles: set, extra: int) -> int:
+def _kept(d: dict, model_type: str | None, B: int, L: int, roles: set, extra: int, P: int) -> int:
     """Elements one block keeps for its backward at batch B, length L. roles: its adapters' ROLES;
-    extra: Σ rank (+ Σ out with DoRA) over its adapters."""
+    extra: Σ rank (+ Σ out with DoRA) over its adapters; P: attention scores per head (all blocks)."""
     T, D, I, H = B * L, d["hidden_size"], d["intermediate_size"], d["num_attention_heads"]
     q, kv = H * d["head_dim"], d["num_key_value_heads"] * d["head_dim"]
     e = (T * D                   # block input: the first RMSNorm's backward
          + T * D                 # residual after attention: the second RMSNorm's backward
          + T * q                 # queries after RoPE and scaling: backward of Q·Kᵀ
          + 2 * T * kv            # keys and values after RoPE: backward of Q·Kᵀ and P·V
-         + B * H * L * L         # softmax probabilities P (mlx trains with the unfused SDPA)
+         + B * H * P             # softmax probabilities (mlx trains with the unfused SDPA)
          + 4 * T * I)            # SwiGLU: gate, sigmoid(gate), silu(gate), up
     xd, xi, xp = BLOCK_EXTRA.get(model_type, (0, 0, 0))
-    e += int(xd * T * D + xi * T * I + xp * B * H * L * L)
+    e += int(xd * T * D + xi * T * I + xp * B * H * P)
     e += T * D if "attn_in" in roles else 0    # normed block input: the q/k/v adapters' input
     e += T * q if "attn_out" in roles else 0   # attention output: the o_proj adapter's input
     e += T * D if "mlp_in" in roles else 0     # normed residual: the gate/up adapters' input
@@ -158,17 +159,21 @@ def _kept(d: dict, model_type: str | None, B: int, L: int, roles: set, extra: in
                                                # output before the magnitude scale (m's gradient)
 
 
-def _working_set(d: dict, B: int, L: int, mlp: bool, outs: dict[int, int], dora: bool) -> float:
+def _working_set(d: dict, B: int, L: int, mlp: bool, outs: dict[int, int], dora: bool, P: int) -> float:
     """Elements the backward of one block holds next to what is kept: gradients and temporaries.
 
     Measured with mlx 0.32 (CPU) on llama-like blocks: ~17.5 (T, D) buffers (residual-stream and
     projection gradients, RoPE/transposes), 3 (T, I) (+3 with MLP adapters), 2 P-sized (softmax
-    backward), 4 (T, kv) (GQA key/value gradients before the head sum); DoRA: 2 (T, out) per adapter.
+    backward; P: scores per head of the largest attention block), 4 (T, kv) (GQA key/value gradients
+    before the head sum); DoRA: 2 (T, out) per adapter.
     """
     T, D, I, H = B * L, d["hidden_size"], d["intermediate_size"], d["num_attention_heads"]
     kv = d["num_key_value_heads"] * d["head_dim"]
-    return (17.5 * T * D + (6 if mlp else 3) * T * I + 2 * B * H * L * L + 4 * T * kv
+    return (17.5 * T * D + (6 if mlp else 3) * T * I + 2 * B * H * P + 4 * T * kv
             + (2 * T * max(outs.values()) if dora else 0))
+
+
+UNBLOCKED = {"gemma2"}  # model types whose attention does not go through scaled_dot_product_attention
 
 
 def _logits_bytes(T: int, V: int, act_bytes: int, config: dict) -> int:
@@ -188,7 +193,7 @@ def activation_terms(shapes: ModelShapes, adapted: list[tuple[Matrix, int]], bat
 
     A decoder-only block (RMSNorm, attention, SwiGLU MLP) at the worst case: every sample padded to
     `seq_len`. Blocks below the lowest adapted one keep nothing (no gradient reaches them).
-    `cpu_dequant`: quantized layers run mlxlora's CPU dequantize+matmul path. `loss_fraction`: the
+    `cpu_dequant`: the CPU backend (quantized layers run dequantize+matmul; attention is blocked). `loss_fraction`: the
     share of the batch's tokens that carry loss (1.0, the worst case, unless known).
     """
     d = dims(shapes.config)
@@ -198,9 +203,11 @@ def activation_terms(shapes: ModelShapes, adapted: list[tuple[Matrix, int]], bat
     roles, extra, outs, first = _blocks(adapted, N, dora)
     reached = range(first, N)
     model_type = shapes.config.get("model_type")
-    kept = {i: _kept(d, model_type, B, L, roles.get(i, set()), extra.get(i, 0)) for i in reached}
+    # attention.py blocks causal attention on CPU; gemma2 computes its own soft-capped scores
+    p_all, p_block = score_elements(L, blocked=cpu_dequant and model_type not in UNBLOCKED)
+    kept = {i: _kept(d, model_type, B, L, roles.get(i, set()), extra.get(i, 0), p_all) for i in reached}
     mlp = {i for i, r in roles.items() if r & {"mlp_in", "mlp_out"}}
-    work = int(_working_set(d, B, L, bool(mlp), outs, dora) * act_bytes) if reached else 0
+    work = int(_working_set(d, B, L, bool(mlp), outs, dora, p_block) * act_bytes) if reached else 0
     logits = _logits_bytes(padded_rows(math.ceil(T * loss_fraction), T), V, act_bytes, shapes.config)
     if not grad_checkpoint:  # everything kept is alive when the backward starts
         terms = {"kept for backward": sum(kept.values()) * act_bytes,

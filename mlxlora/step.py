@@ -8,6 +8,7 @@ micro-batches give exactly the gradient of one batch holding all of them.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from functools import partial
 
 import mlx.core as mx
@@ -16,7 +17,9 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import head
+from .attention import blocked_causal
 from .config import TrainConfig
+from .quant import on_cpu
 
 
 def loss_sums(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array,
@@ -29,7 +32,7 @@ def loss_sums(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.ar
     """
     if rows is not None:
         head.enable(model)
-    with head.only_rows(rows):
+    with head.only_rows(rows), (blocked_causal(model) if on_cpu() else nullcontext()):
         if segments is None:
             logits = model(inputs)
         else:
