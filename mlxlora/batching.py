@@ -76,7 +76,11 @@ class BatchPlan:
             arrays = D.collate(self.samples, part, self.cfg.pad_multiple, self.pad_id)
         if empty:
             arrays[2][:] = 0  # no loss, no gradient: this rank only joins the collective
-        if not self.pack:
-            arrays = (*arrays, None)  # no segments
-        rows = target_rows(arrays[2])
-        return tuple(None if a is None else mx.array(a) for a in (*arrays, rows))
+        return to_batch(*arrays)
+
+
+def to_batch(inputs, targets, mask, segments=None) -> tuple:
+    """Numpy (B, L) arrays -> the mx tuple loss_sums takes: (inputs, targets, mask, segments, rows),
+    segments None unless packed, rows the head's loss positions (head.target_rows) or None."""
+    rows = target_rows(mask)
+    return tuple(None if a is None else mx.array(a) for a in (inputs, targets, mask, segments, rows))

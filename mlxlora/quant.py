@@ -50,7 +50,8 @@ def _dequant_matmul_fn(group_size: int, bits: int, mode: str, has_biases: bool):
 
     @mx.custom_function
     def f(x, w, scales, biases):
-        parts = [x @ deq(w, scales, biases, i, j).astype(x.dtype).T for i, j in _row_slices(scales.shape[0], x.shape[-1])]
+        parts = [x @ deq(w, scales, biases, i, j).astype(x.dtype).T
+                 for i, j in _row_slices(scales.shape[0], x.shape[-1])]
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
     @f.vjp

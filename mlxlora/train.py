@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import data as D
-from .batching import BatchPlan
+from .batching import BatchPlan, to_batch
 from .checkpoint import (TrainerState, best_checkpoint, latest_checkpoint, latest_path, list_checkpoints,
                          load_trainer_state, remove_stale_temps, save_checkpoint)
 from .config import TrainConfig
@@ -23,7 +23,6 @@ from .errors import AdapterError, ConfigError, MlxloraError
 from .models import Base, load_base
 from .progress import Progress
 from .record import run_record
-from .head import target_rows
 from .step import Stepper, grad_checkpoint_blocks, loss_sums, make_optimizer
 from .surgery import count_parameters, get_lora_model
 
@@ -62,10 +61,7 @@ def evaluate(model, split: D.Split, batch_size: int, pad_multiple: int, pad_id: 
         batches = batches[:max_batches]
     total, ntok = mx.array(0.0), mx.array(0.0)
     for idxs in batches:
-        x, y, m = D.collate(split.samples, idxs, pad_multiple, pad_id)
-        rows = target_rows(m)
-        lsum, n = loss_sums(model, mx.array(x), mx.array(y), mx.array(m), None,
-                            None if rows is None else mx.array(rows))
+        lsum, n = loss_sums(model, *to_batch(*D.collate(split.samples, idxs, pad_multiple, pad_id)))
         total, ntok = total + lsum, ntok + n
         mx.eval(total, ntok)  # keep memory bounded: one batch of activations at a time
     return (total / mx.maximum(ntok, 1)).item()

@@ -21,10 +21,8 @@ LAUNCH = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or sh
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     model = tiny.make_model(root / "model", "llama")
-    data = root / "data"
-    data.mkdir()
     rows = [{"prompt": f"Count {i}.", "completion": " ".join(str(j) for j in range(i % 9 + 1))} for i in range(22)]
-    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = tiny.write_data(root / "data", rows)
     return root, model, data
 
 

@@ -141,10 +141,7 @@ def trained(tmp_path_factory):
     """A real training run's adapter folder (with checkpoints/), made under a fake home folder."""
     home = tmp_path_factory.mktemp("hub") / "home" / "alice"
     model = tiny.make_model(home / "models" / "tiny-llama", "llama")
-    data = home / "data"
-    data.mkdir(parents=True)
-    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
-    (data / "valid.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS[:2]) + "\n")
+    data = tiny.write_data(home / "data", ROWS, ROWS[:2])
     out = home / "runs" / "devil"
     train(TrainConfig(model=str(model), data=str(data), adapter_path=str(out), iters=4, batch_size=2, save_every=2,
                       val_every=2, lora=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])))

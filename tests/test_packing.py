@@ -52,7 +52,6 @@ def test_pack_rows_respects_capacity_and_uses_each_sample_once():
 
 def test_training_with_packing_resumes_bit_exact(tmp_path):
     """Packed training is deterministic across an interrupt + resume (as unpacked training is)."""
-    import json
     import os
     import signal
 
@@ -62,10 +61,8 @@ def test_training_with_packing_resumes_bit_exact(tmp_path):
     from mlxlora.train import TrainingStopped, train
 
     model = tiny.make_model(tmp_path / "m", "llama")
-    data = tmp_path / "d"
-    data.mkdir()
     rows = [{"text": "word " * n} for n in (2, 30, 3, 25, 4, 40, 5, 8, 12, 6, 50, 3)]
-    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = tiny.write_data(tmp_path / "d", rows)
     cfg = lambda out: TrainConfig(model=str(model), data=str(data), adapter_path=str(out), iters=8,  # noqa: E731
                                   batch_size=2, grad_accum=2, lr=3e-3, pack=True, save_every=100, seed=1,
                                   lora=LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))

@@ -24,11 +24,7 @@ ROWS = [{"prompt": f"Say {w}.", "completion": f"{w} {w} {w}!"} for w in
 
 @pytest.fixture
 def data_dir(tmp_path):
-    d = tmp_path / "data"
-    d.mkdir()
-    (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
-    (d / "valid.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS[:4]) + "\n")
-    return d
+    return tiny.write_data(tmp_path / "data", ROWS, ROWS[:4])
 
 
 @pytest.fixture

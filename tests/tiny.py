@@ -47,6 +47,15 @@ ARCHS = {
 }
 
 
+def write_data(folder: Path, train: list[dict], valid: list[dict] | None = None) -> Path:
+    """A data folder as `--data` reads it: train.jsonl (and valid.jsonl), one JSON row per line."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("valid", valid)):
+        if rows is not None:
+            (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
 def make_tokenizer(path: Path) -> None:
     """A byte-level BPE tokenizer with no merges (every byte is a token) plus ChatML specials."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
