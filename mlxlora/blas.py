@@ -8,14 +8,19 @@ start, so the `mlxlora` entry point re-executes itself once with OpenBLAS preloa
 OpenBLAS needs `libgfortran.so.5`; mlx-cpu already ships one under a hashed name, so we
 point a symlink called `libgfortran.so.5` at it in a small cache folder.
 
-Opt out with `MLXLORA_FAST_BLAS=0`. `python -m mlxlora.blas` prints the shell exports
-(used by the test script so pytest gets the same speed).
+Before it is used the first time, a child process runs a small sgemm with the preload and checks the
+result (`probe`); the verdict is cached per library build. A build that fails (cmeel-openblas 0.3.31
+dies with SIGILL on an AMD EPYC/Zen 2 KVM guest) is never used: mlx keeps its own (slow)
+BLAS. Opt out with `MLXLORA_FAST_BLAS=0`. `python -m mlxlora.blas` prints
+the shell exports (used by the test script so pytest gets the same speed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -62,12 +67,55 @@ def fast_blas_env(environ: dict | None = None) -> dict[str, str] | None:
     libpath = [str(shim), str(gfortran.parent)] + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p]
     preload = [str(openblas)] + [p for p in env.get("LD_PRELOAD", "").split(":") if p]
     out = {"LD_LIBRARY_PATH": ":".join(libpath), "LD_PRELOAD": ":".join(preload), _ACTIVE: "1"}
+    if not probe(openblas, dict(env, **out), shim):
+        return None
     local = local_ranks(env)
     if local > 1 and "OPENBLAS_NUM_THREADS" not in env:
         # Several ranks on one host: OpenBLAS threads of different processes fighting for the same
         # cores collapse (an eval measured 15 s with one thread per process, 108 s with two).
         out["OPENBLAS_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local))
     return out
+
+
+_PROBE = """
+import mlx.core as mx, numpy as np
+a = np.arange(96 * 80, dtype=np.float32).reshape(96, 80) % 7 - 3
+b = np.arange(80 * 64, dtype=np.float32).reshape(80, 64) % 5 - 2
+assert np.array_equal(np.array(mx.array(a) @ mx.array(b)), a @ b)
+"""
+
+
+def probe(openblas: Path, env: dict, cache: Path) -> bool:
+    """Whether mlx computes a matmul right with `openblas` preloaded (a child process under `env`).
+
+    The verdict is cached in `cache` per library build (path, size, mtime) and mlx version, so the
+    child runs once per machine and upgrade. A failure is remembered too and never retried.
+    """
+    stat = openblas.stat()
+    try:
+        from importlib.metadata import version
+
+        mlx_version = version("mlx")
+    except Exception:  # no metadata: still probe, key without it
+        mlx_version = "?"
+    key = hashlib.sha256(f"{openblas}:{stat.st_size}:{stat.st_mtime_ns}:{mlx_version}".encode()).hexdigest()[:16]
+    verdict = cache / f"probe-{key}.json"
+    try:
+        return bool(json.loads(verdict.read_text())["ok"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        r = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, timeout=120)
+        ok, why = r.returncode == 0, f"exit status {r.returncode}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        ok, why = False, type(e).__name__
+    try:
+        tmp = cache / f".{verdict.name}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps({"ok": ok, "library": str(openblas), "mlx": mlx_version, "why": why}))
+        os.replace(tmp, verdict)
+    except OSError:
+        pass
+    return ok
 
 
 def local_ranks(environ: dict) -> int:

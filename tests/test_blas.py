@@ -31,3 +31,31 @@ def test_blas_threads_split_between_local_ranks(tmp_path):
     two = {"MLX_HOSTFILE": _hostfile(tmp_path, ["127.0.0.1", "127.0.0.1"]), "MLX_RANK": "1"}
     assert fast_blas_env(two)["OPENBLAS_NUM_THREADS"] == str(max(1, os.cpu_count() // 2))
     assert "OPENBLAS_NUM_THREADS" not in fast_blas_env(dict(two, OPENBLAS_NUM_THREADS="3"))  # the user's wins
+
+
+def test_probe_refuses_a_blas_that_crashes_and_remembers(tmp_path):
+    """A BLAS build that kills the process (as cmeel-openblas 0.3.31 does with SIGILL on a Zen 2 KVM guest)
+    is refused by a child-process probe, and the verdict is cached so the child runs once."""
+    from mlxlora.blas import probe
+
+    fake = tmp_path / "fake-mlx" / "mlx"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n")
+    lib = tmp_path / "libopenblas.so.0"
+    lib.write_bytes(b"not really a library")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "fake-mlx"))
+    assert probe(lib, env, tmp_path) is False
+    (verdict,) = tmp_path.glob("probe-*.json")
+    record = json.loads(verdict.read_text())
+    assert record["ok"] is False and record["why"] == "exit status -4"
+    # Cached: even an environment that would pass is not run again for the same build.
+    assert probe(lib, dict(os.environ), tmp_path) is False
+
+
+def test_probe_accepts_a_working_environment(tmp_path):
+    from mlxlora.blas import probe
+
+    lib = tmp_path / "libopenblas.so.0"
+    lib.write_bytes(b"x")
+    assert probe(lib, dict(os.environ), tmp_path) is True
+    assert json.loads(next(tmp_path.glob("probe-*.json")).read_text())["ok"] is True
