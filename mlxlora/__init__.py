@@ -5,8 +5,8 @@ Importing mlxlora changes no global state.
 
 from .config import LoraConfig, TrainConfig
 from .errors import AdapterError, ConfigError, DataError, MlxloraError, ModelError
-from .layers import DoRALinear, LoRAEmbedding, LoRALinear
-from .surgery import get_lora_model, print_trainable_parameters
+from .lora.layers import DoRALinear, LoRAEmbedding, LoRALinear
+from .lora.surgery import get_lora_model, print_trainable_parameters
 
 __version__ = "0.1.0"
 

@@ -26,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .cache import cache_dir
+from .files import atomic_write_text
 
 _ACTIVE = "MLXLORA_BLAS_ACTIVE"
 
@@ -110,9 +111,7 @@ def probe(openblas: Path, env: dict, cache: Path) -> bool:
     except (OSError, subprocess.TimeoutExpired) as e:
         ok, why = False, type(e).__name__
     try:
-        tmp = cache / f".{verdict.name}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps({"ok": ok, "library": str(openblas), "mlx": mlx_version, "why": why}))
-        os.replace(tmp, verdict)
+        atomic_write_text(verdict, json.dumps({"ok": ok, "library": str(openblas), "mlx": mlx_version, "why": why}))
     except OSError:
         pass
     return ok

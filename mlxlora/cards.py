@@ -15,6 +15,8 @@ import json
 import re
 from pathlib import Path
 
+from .files import read_json_or_empty
+
 CARD_FILE = "README.md"
 _MARKER = re.compile(r"<!-- mlxlora card (\{.*?\}) -->", re.S)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -57,14 +59,6 @@ def base_license(base) -> str | None:
 
 # ---------------------------------------------------------------- reading folders
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def adapter_summary(adapter_dir) -> dict:
     """What a card says about an adapter folder, from mlxlora.json (or PEFT's adapter_config.json alone).
 
@@ -73,8 +67,8 @@ def adapter_summary(adapter_dir) -> dict:
     ({split: count}), lr, batch_size, quantize, seconds, written, versions.
     """
     d = Path(adapter_dir)
-    peft = _read_json(d / "adapter_config.json")
-    rec = _read_json(d / "mlxlora.json")
+    peft = read_json_or_empty(d / "adapter_config.json")
+    rec = read_json_or_empty(d / "mlxlora.json")
     lora = rec.get("lora_config") or {}
     run = rec.get("run_record") or {}
     train = rec.get("train_config") or {}
@@ -239,7 +233,7 @@ def adapter_card(adapter_dir, *, repo_id: str | None = None, base_model: str | N
 
 
 def _model_facts(model_dir) -> dict:
-    cfg = _read_json(Path(model_dir) / "config.json")
+    cfg = read_json_or_empty(Path(model_dir) / "config.json")
     q = cfg.get("quantization") or {}
     return {"model_type": cfg.get("model_type"), "bits": q.get("bits"), "group_size": q.get("group_size"),
             "dtype": cfg.get("dtype") or cfg.get("torch_dtype")}

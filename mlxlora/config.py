@@ -13,9 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, choice_error
 
 ALL_LINEAR = "all-linear"
+# The choices several commands share: one home each.
+BITS = (2, 3, 4, 5, 6, 8)  # quantization widths MLX's affine mode has
+GROUP_SIZES = (32, 64, 128)  # group sizes MLX's affine quantization supports
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # float dtypes for compute and for written weights
+SCHEDULES = ("cosine", "linear", "constant")
+FUSE_STRATEGIES = ("naive", "grid", "gptq", "refit")  # fuse.requant.STRATEGIES, in this order
+# Decimal units as transformers/huggingface_hub read "5GB"; binary ones for "4GiB".
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 @dataclass
@@ -146,8 +155,8 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.lora, dict):
             self.lora = LoraConfig.from_dict(self.lora)
-        if self.quantize not in (None, 2, 3, 4, 5, 6, 8):
-            raise ConfigError(f"--quantize must be one of 2, 3, 4, 5, 6, 8, got {self.quantize!r}")
+        if self.quantize not in (None, *BITS):
+            raise choice_error("--quantize", self.quantize, BITS)
         for name in ("batch_size", "grad_accum", "max_seq_length", "pad_multiple", "val_every",
                      "save_every", "report_every", "q_group_size", "max_nonfinite"):
             _positive(f"--{name.replace('_', '-')}", getattr(self, name), int)
@@ -159,12 +168,12 @@ class TrainConfig:
             raise ConfigError("give --epochs or --iters, not both")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ConfigError(f"--warmup must be an integer >= 0, got {self.warmup!r}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise choice_error("--schedule", self.schedule, SCHEDULES)
         if self.clip_grad is not None and not (isinstance(self.clip_grad, (int, float)) and self.clip_grad > 0):
             raise ConfigError(f"--clip-grad must be > 0, got {self.clip_grad!r}")
-        if self.dtype not in (None, "float32", "float16", "bfloat16"):
-            raise ConfigError(f"--dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.dtype is not None:
+            check_dtype(self.dtype)
 
     @property
     def total_iters_fixed(self) -> bool:
@@ -332,8 +341,72 @@ class ExportConfig:
     max_shard_size: str = "5GB"
 
     def __post_init__(self):
-        from .convert.hf import DTYPES, parse_size
-
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_dtype(self.dtype)
         parse_size(self.max_shard_size)
+
+
+@dataclass
+class FuseConfig:
+    """Defaults of `mlxlora fuse` / `fuse_model`.
+
+    bits: None keeps the base's bits; 0 writes float weights; 2..8 re-quantizes the touched layers of
+    a quantized base at that width (a float base is fused exactly, in float). strategy: "auto" or one
+    of FUSE_STRATEGIES; auto = refit with calibration (else naive) plus 8-bit layers.
+    calibration_samples: training rows whose activations weight the rounding (GPTQ's H); without
+    training data, random_rows rows of random_row_length random tokens stand in.
+    size_budget: "auto" may spend up to this ratio of the naive fuse's size on 8-bit layers.
+    """
+
+    bits: int | None = None
+    group_size: int | None = None
+    strategy: str = "auto"
+    calibration_samples: int = 128
+    random_rows: int = 32
+    random_row_length: int = 128
+    max_seq_length: int = 512
+    size_budget: float = 1.10
+    damp: float = 0.01
+
+    def __post_init__(self):
+        if isinstance(self.bits, str):
+            name = self.bits.lower()
+            self.bits = 0 if name in ("none", "float") else int(name) if name.isdigit() else self.bits
+        if self.bits not in (None, 0, *BITS):
+            raise choice_error("--bits", self.bits, (*BITS, "none"))
+        if self.group_size not in (None, *GROUP_SIZES):
+            raise choice_error("--group-size", self.group_size, GROUP_SIZES)
+        if self.strategy not in ("auto", *FUSE_STRATEGIES):
+            raise choice_error("--strategy", self.strategy, ("auto", *FUSE_STRATEGIES))
+        if not self.size_budget >= 1.0:
+            raise ConfigError(f"--size-budget must be >= 1.0 (a multiple of the naive fuse's size), "
+                              f"got {self.size_budget!r}")
+
+
+def check_dtype(dtype, flag: str = "--dtype") -> str:
+    """`dtype` if it is one of DTYPE_NAMES; else the one ConfigError every command gives."""
+    if dtype not in DTYPE_NAMES:
+        raise choice_error(flag, dtype, DTYPE_NAMES)
+    return dtype
+
+
+def check_bits(bits, flag: str = "--quantize") -> int:
+    """`bits` if it is one of BITS; else the one ConfigError every command gives."""
+    if isinstance(bits, bool) or bits not in BITS:
+        raise choice_error(flag, bits, BITS)
+    return bits
+
+
+def parse_size(size: int | str, flag: str = "--max-shard-size") -> int:
+    """Bytes in a size limit: an int, "5GB" (10**9, as transformers), "500MB", "4GiB" (2**30)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        text = str(size).strip().upper().replace(" ", "")
+        unit = next((u for u in sorted(SIZE_UNITS, key=len, reverse=True) if text.endswith(u)), None)
+        try:
+            value = int(float(text[:-len(unit)]) * SIZE_UNITS[unit]) if unit else int(text)
+        except ValueError:
+            value = 0
+    if value <= 0:
+        raise ConfigError(f"{flag}: {size!r} is not a size; write e.g. 5GB, 500MB or 4GiB")
+    return value

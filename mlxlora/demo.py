@@ -13,6 +13,9 @@ from rich.table import Table
 
 from .config import EvalConfig, GenerateConfig, LoraConfig, TrainConfig
 from .errors import DataError
+from .inference import eval_split, generate_text, load_with_adapter
+from .models.demo import ensure_demo_model
+from .train import train
 
 # The demo's training recipe, sized for a laptop CPU: on the 2-core Linux machines this project is
 # tested on, a step takes ~3 s when nothing else runs, so the 60 steps (240 samples) take ~3 minutes.
@@ -36,10 +39,6 @@ def _prompts(data_dir: Path, n: int = 2) -> list[str]:
 
 
 def run_demo(out: str | None = None, iters: int | None = None, force: bool = True, console: Console | None = None):
-    from .demo_model import ensure_demo_model
-    from .inference import eval_split, generate_text, load_with_adapter
-    from .train import train
-
     con = console or Console()
     data_dir = demo_data_dir()
     model_dir = ensure_demo_model()

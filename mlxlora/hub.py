@@ -8,14 +8,17 @@ never printed, logged or written. Checkpoints and hidden/temporary files are not
 from __future__ import annotations
 
 import json
-import os
 import re
-import uuid
 from pathlib import Path
 
-from .cards import CARD_FILE, adapter_card, adapter_summary, card_inputs, model_card, base_license
+from .cards import CARD_FILE, adapter_card, adapter_summary, base_license, card_inputs, model_card
 from .config import ExportConfig
-from .errors import HubError, ModelError
+from .errors import HubError, MlxloraError, ModelError, exists_error
+from .files import atomic_write_text, read_json, safetensors_header
+from .inference import load_with_adapter
+from .lora.surgery import fuse_model
+from .models import resolve_model_path
+from .models.hf_export import check_exportable, export_hf
 
 # Never uploaded: training checkpoints, hidden files/folders (our atomic-write temporaries are
 # hidden), editor/temporary leftovers. fnmatch patterns on paths relative to the folder.
@@ -45,11 +48,8 @@ def folder_kind(path) -> str:
     if not (d / "config.json").is_file():
         raise HubError(f"{d} holds neither adapter_config.json (an adapter) nor config.json (a model); "
                        "nothing to upload")
-    try:
-        config = json.loads((d / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HubError(f"{d / 'config.json'}: not readable JSON ({e})") from None
-    if isinstance(config, dict) and "quantization" in config:
+    config = read_json(d / "config.json", HubError)
+    if "quantization" in config:
         return "mlx"
     return "mlx" if any(_safetensors_format(f) == "mlx" for f in sorted(d.glob("*.safetensors"))) else "hf"
 
@@ -57,11 +57,8 @@ def folder_kind(path) -> str:
 def _safetensors_format(path: Path) -> str | None:
     """The `format` metadata of a safetensors file ("mlx" when mlx-lm wrote it, "pt" for transformers)."""
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(min(n, 100_000_000)))
-        return (header.get("__metadata__") or {}).get("format")
-    except (OSError, ValueError, AttributeError):
+        return (safetensors_header(path).get("__metadata__") or {}).get("format")
+    except MlxloraError:
         return None
 
 
@@ -87,9 +84,7 @@ def ensure_card(folder, kind: str | None = None, *, repo_id: str | None = None, 
         text = adapter_card(d, repo_id=repo_id, base_model=base_model, license=license)
     else:
         text = model_card(d, kind, base_model=base_model, adapter_info=adapter_info, repo_id=repo_id, license=license)
-    tmp = d / f".{CARD_FILE}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(text)
-    os.replace(tmp, readme)
+    atomic_write_text(readme, text)
     return True
 
 
@@ -233,15 +228,10 @@ def export_model(model: str, out, *, adapter=None, config: ExportConfig | None =
     config.dtype, sharded above config.max_shard_size. Raises ModelError (unsupported
     architecture, existing `out` without force, bad dtype/size) or AdapterError.
     """
-    from .convert.hf import check_exportable, export_hf
-    from .inference import load_with_adapter
-    from .models import resolve_model_path
-    from .surgery import fuse_model
-
     cfg = config or ExportConfig()
     out = Path(out)
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise ModelError(f"--out: {out} already holds files; pass --force to replace it")
+        raise exists_error(out, flag="--out", cls=ModelError)
     src = resolve_model_path(model)
     try:
         model_type = json.loads((src / "config.json").read_text()).get("model_type")

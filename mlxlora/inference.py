@@ -1,17 +1,19 @@
-"""Generation and evaluation over a base model with an optional adapter (mlx-lm underneath)."""
+"""Generation and evaluation over a base model with an optional adapter (mlx-lm underneath): the one home
+of both. `evaluate` is the held-out loss training validates with; `eval_split` is `mlxlora eval`."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Callable, Iterator
 
 import mlx.core as mx
 
 from . import data as D
+from .adapters import load_adapter
 from .config import EvalConfig, GenerateConfig
-from .errors import DataError
-from .models import Base, load_base
+from .data.batches import pad_id
+from .loss import loss_sums, to_batch
+from .models import Base, describe_base, load_base
 
 
 def load_with_adapter(model: str, adapter: str | None = None, ignore_base_mismatch: bool = False, **kw) -> Base:
@@ -22,8 +24,6 @@ def load_with_adapter(model: str, adapter: str | None = None, ignore_base_mismat
     """
     base = load_base(model, **kw)
     if adapter:
-        from .adapters import describe_base, load_adapter
-
         info = describe_base(base.model, base.config, base.info.get("fingerprint"))  # before wrapping
         load_adapter(base.model, adapter, base_info=info, ignore_base_mismatch=ignore_base_mismatch)
     base.model.eval()
@@ -62,19 +62,26 @@ def generate_text(base: Base, prompt: str, cfg: GenerateConfig | None = None,
     return "".join(out)
 
 
+def evaluate(model, split: D.Split, batch_size: int, pad_multiple: int, pad_id: int,
+             max_batches: int = -1) -> float | None:
+    """Mean target-token loss over a split (batched, one host sync at the end)."""
+    if split is None or not split.samples:
+        return None
+    batches = D.epoch_batches([len(s.ids) for s in split.samples], batch_size, seed=0, epoch=0)
+    if max_batches > 0:
+        batches = batches[:max_batches]
+    total, ntok = mx.array(0.0), mx.array(0.0)
+    for idxs in batches:
+        lsum, n = loss_sums(model, *to_batch(*D.collate(split.samples, idxs, pad_multiple, pad_id)))
+        total, ntok = total + lsum, ntok + n
+        mx.eval(total, ntok)  # keep memory bounded: one batch of activations at a time
+    return (total / mx.maximum(ntok, 1)).item()
+
+
 def eval_split(base: Base, data: str, cfg: EvalConfig) -> dict:
     """Mean target-token loss and perplexity of `base` on one split of a data folder (or a .jsonl file)."""
-    from .train import _pad_id, evaluate
-
-    p = Path(data)
-    if p.is_file():
-        path = p
-    else:
-        files = D.find_split_files(data, require_train=False)
-        if cfg.split not in files:
-            raise DataError(f"--data: {data} has no {cfg.split}.jsonl; pass --split valid or a file")
-        path = files[cfg.split]
+    path = D.split_file(data, cfg.split)
     split = D.load_split(path, base.tokenizer, cfg.max_seq_length)
-    loss = evaluate(base.model, split, cfg.batch_size, cfg.pad_multiple, _pad_id(base.tokenizer))
+    loss = evaluate(base.model, split, cfg.batch_size, cfg.pad_multiple, pad_id(base.tokenizer))
     return {"path": str(path), "samples": split.stats.samples, "target_tokens": split.stats.target_tokens,
             "loss": loss, "perplexity": math.exp(loss) if loss is not None else None}

@@ -128,7 +128,7 @@ def main():
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
 
-    from mlxlora.demo_model import ensure_demo_model
+    from mlxlora.models.demo import ensure_demo_model
 
     q4 = ensure_demo_model()
     f32 = float_model(q4, work / "smollm2-f32")

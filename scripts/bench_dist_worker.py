@@ -21,11 +21,11 @@ def build(spec: dict, group):
     """(model, BatchPlan, Stepper) for this rank; the adapter starts identical on every rank."""
     from mlxlora import LoraConfig, TrainConfig
     from mlxlora import data as D
-    from mlxlora.batching import BatchPlan
+    from mlxlora.train.batches import BatchPlan
     from mlxlora.models import load_base
-    from mlxlora.step import Stepper, make_optimizer
-    from mlxlora.surgery import get_lora_model
-    from mlxlora.train import _pad_id
+    from mlxlora.train.step import Stepper, make_optimizer
+    from mlxlora.lora.surgery import get_lora_model
+    from mlxlora.data.batches import pad_id as _pad_id
 
     total = spec["warmup"] + spec["steps"]
     cfg = TrainConfig(model=spec["model"], train_file=spec["train_file"], adapter_path=tempfile.mkdtemp(),
@@ -60,8 +60,8 @@ def isolated_all_sum(n_floats: int, group, reps: int) -> float | None:
 
 
 def main(spec: dict) -> dict:
-    from mlxlora.checkpoint import TrainerState
-    from mlxlora.surgery import adapter_parameters
+    from mlxlora.train.checkpoint import TrainerState
+    from mlxlora.lora.surgery import adapter_parameters
 
     group = mx.distributed.init()
     model, plan, stepper, optimizer = build(spec, group)

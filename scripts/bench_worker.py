@@ -46,7 +46,7 @@ def run_mlxlora(spec: dict, out: Path) -> dict:
     trainer.run()
     plan = trainer.batches.plan(0)
     lengths = [len(s.ids) - 1 for s in trainer.train_split.samples]
-    from mlxlora.packing import padding_fraction
+    from mlxlora.data.packing import padding_fraction
 
     pad = padding_fraction(lengths, plan, trainer.batches.pack, cfg.pad_multiple)
     out = _summary(marks, spec["warmup"], mx.get_peak_memory(), pad, n_params, packed=trainer.batches.pack)

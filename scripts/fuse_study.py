@@ -43,8 +43,8 @@ def train_demo_adapter(model_dir: Path, out: Path) -> Path:
 
 def share_calibration(fuse_module) -> None:
     """Calibration statistics and the base/adapter losses do not depend on the strategy: compute them once."""
-    fuse_module.R.collect_hessians = _memo(fuse_module.R.collect_hessians)
-    before = fuse_module._losses_before
+    fuse_module.collect_hessians = _memo(fuse_module.collect_hessians)
+    before = fuse_module.losses_before
     cache = {}
 
     def losses_before(model, layers, valid, tokenizer):
@@ -53,7 +53,7 @@ def share_calibration(fuse_module) -> None:
             cache[key] = before(model, layers, valid, tokenizer)
         return dict(cache[key])
 
-    fuse_module._losses_before = losses_before
+    fuse_module.losses_before = losses_before
 
 
 def _memo(collect):
@@ -76,8 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
 
-    import mlxlora.fuse as F
-    from mlxlora.demo_model import ensure_demo_model
+    import mlxlora.fuse.core as F  # the module whose names fuse_model calls
+    from mlxlora.models.demo import ensure_demo_model
     from mlxlora.models import load_base
 
     model_dir = Path(args.model) if args.model else ensure_demo_model()

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlxlora import LoraConfig, TrainConfig
-from mlxlora.surgery import adapter_parameters
+from mlxlora.lora.surgery import adapter_parameters
 from mlxlora.train import Trainer
 
 model, data, out, batch, steps = sys.argv[1:6]

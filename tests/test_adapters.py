@@ -11,20 +11,13 @@ import tiny
 from mlxlora import LoraConfig, get_lora_model
 from mlxlora.adapters import (CONFIG_FILE, RECORD_FILE, WEIGHTS_FILE, load_adapter, load_adapter_weights,
                               read_adapter_config, save_adapter)
-from mlxlora.convert.hf import export_hf
-from mlxlora.convert.names import hf_to_mlx, mlx_to_hf
-from mlxlora.convert.peft import lora_config_from_peft
+from mlxlora.models.hf_export import export_hf
+from mlxlora.formats.names import hf_to_mlx, mlx_to_hf
+from mlxlora.formats.peft import lora_config_from_peft
 from mlxlora.errors import AdapterError, ModelError
-from mlxlora.surgery import adapter_layers, adapter_parameters
+from mlxlora.lora.surgery import adapter_layers, adapter_parameters
 
 IDS = mx.array([[5, 17, 33, 100, 200, 7, 9, 250]])
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    """One tiny model folder per architecture (written once per module)."""
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: tiny.make_model(root / arch, arch) for arch in ("llama", "qwen2", "qwen3", "gemma2", "phi3")}
 
 
 randomize = tiny.randomize_adapters

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlxlora import LoraConfig, attention
+from mlxlora import LoraConfig
+from mlxlora.loss import attention
 from mlxlora.models import load_base
-from mlxlora.packing import segment_mask
-from mlxlora.step import loss_sums
-from mlxlora.surgery import get_lora_model
+from mlxlora.loss.packed import segment_mask
+from mlxlora.loss import loss_sums
+from mlxlora.lora.surgery import get_lora_model
 
 import tiny
 

@@ -5,9 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
-from mlxlora.cli import cli
 
 import tiny
 
@@ -25,8 +23,7 @@ def env(tmp_path_factory):
     return root, model, data
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny.run_cli
 
 
 one_line_error = tiny.one_line_error

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import tiny
-from mlxlora.chat import fallback_prompt, render_fallback_template
+from mlxlora.data.chat import fallback_prompt, render_fallback_template
 from mlxlora.data import (Sample, collate, epoch_batches, find_split_files, inspect_split,
                           load_split)
 from mlxlora.errors import ConfigError, DataError

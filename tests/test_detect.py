@@ -15,10 +15,10 @@ import tiny
 from mlxlora import LoraConfig, get_lora_model
 from mlxlora.adapters import RECORD_FILE, load_adapter, save_adapter
 from mlxlora.cli import cli
-from mlxlora.convert.mlx_lm import export_mlx_lm
-from mlxlora.detect import HUB_FILES, detect_adapter, read_adapter, resolve_adapter
+from mlxlora.adapters import export_mlx_lm
+from mlxlora.formats import HUB_FILES, detect_adapter, read_adapter, resolve_adapter
 from mlxlora.errors import AdapterError
-from mlxlora.surgery import adapter_layers
+from mlxlora.lora.surgery import adapter_layers
 
 IDS = mx.array([[5, 17, 33, 100, 200, 7, 9, 250]])
 

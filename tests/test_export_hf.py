@@ -11,18 +11,17 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import tiny
 from mlxlora import LoraConfig, get_lora_model
 from mlxlora.adapters import save_adapter
 from mlxlora.cards import front_matter
-from mlxlora.cli import cli
-from mlxlora.convert.hf import INDEX_FILE, parse_size, shard_names
-from mlxlora.errors import ModelError
+from mlxlora.config import parse_size
+from mlxlora.models.hf_export import INDEX_FILE, shard_names
+from mlxlora.errors import ConfigError
 from mlxlora.hub import ExportConfig, export_model
 from mlxlora.inference import load_with_adapter
-from mlxlora.surgery import adapter_layers
+from mlxlora.lora.surgery import adapter_layers
 
 pytestmark = pytest.mark.peer
 
@@ -162,7 +161,7 @@ def test_shard_sizes():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 5 * 10**8 and parse_size("4GiB") == 4 * 2**30
     assert parse_size(1234) == 1234 and parse_size("1.5KB") == 1500
     for bad in ("", "five GB", "-1MB", "0", "12XB"):
-        with pytest.raises(ModelError, match="--max-shard-size"):
+        with pytest.raises(ConfigError, match="--max-shard-size"):
             parse_size(bad)
     w = {"a": mx.zeros((10,)), "b": mx.zeros((30,)), "c": mx.zeros((5,)), "d": mx.zeros((20,))}  # 40/120/20/80 B
     # as transformers: b (over the limit) gets a shard of its own at once; a + c = 60 B, then d would pass 100
@@ -171,8 +170,7 @@ def test_shard_sizes():
     assert shard_names(w, 1000) == [["a", "b", "c", "d"]]
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny.run_cli
 
 
 one_line_error = tiny.one_line_error

@@ -12,20 +12,18 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 import tiny
 from mlxlora import LoraConfig, get_lora_model
-from mlxlora import requant as R
+from mlxlora.fuse import requant as R
 from mlxlora.adapters import save_adapter
-from mlxlora.cli import cli
 from mlxlora.errors import ConfigError
 from mlxlora.fuse import REPORT_FILE, FuseConfig, fuse_model, fuse_to_folder, save_fused
-from mlxlora.layers import DoRALinear, LoRAEmbedding
+from mlxlora.lora.layers import DoRALinear, LoRAEmbedding
 from mlxlora.models import load_base
-from mlxlora.quant import float_weight, use_fast_cpu_path
-from mlxlora.surgery import adapter_layers
+from mlxlora.lora.quant import float_weight, use_fast_cpu_path
+from mlxlora.lora.surgery import adapter_layers
 
 IDS = mx.array([[5, 17, 33, 100, 200, 7, 9, 250, 3, 64, 2, 1]])
 TEXT = "the quick brown fox jumps over the lazy dog while a cat watches from the warm windowsill"
@@ -345,8 +343,7 @@ def test_report_without_an_improvement_or_data(dirs, trained, tmp_path):
 
 # ---------------------------------------------------------------- CLI
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny.run_cli
 
 
 def digest(folder) -> dict:

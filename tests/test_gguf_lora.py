@@ -7,19 +7,18 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
 
 import tiny
 from mlxlora import LoraConfig, get_lora_model
 from mlxlora.adapters import save_adapter
-from mlxlora.cli import cli
-from mlxlora.convert.gguf import convert_gguf, unpermute_rows
-from mlxlora.convert.gguf_lora import export_gguf_lora, permute_rows
+from mlxlora.models.gguf import convert_gguf, unpermute_rows
+from mlxlora.adapters import export_gguf_lora
+from mlxlora.formats.gguf_lora import permute_rows
 from mlxlora.errors import AdapterError
-from mlxlora.layers import LoRAEmbedding
-from mlxlora.surgery import adapter_layers
+from mlxlora.lora.layers import LoRAEmbedding
+from mlxlora.lora.surgery import adapter_layers
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.peer
@@ -28,9 +27,8 @@ IDS = mx.array([[5, 17, 33, 100, 200, 7, 9, 250, 3, 64]])
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gguf_lora")
-    return {arch: tiny.make_model(root / arch, arch) for arch in ("llama", "qwen2")}
+def dirs(tiny_dirs):
+    return tiny_dirs  # the session's tiny llama / qwen2 folders (read-only)
 
 
 def wrapped(model_dir, config, seed=1):
@@ -226,8 +224,7 @@ def test_refusals_are_clear(dirs, tmp_path):
     assert read(export_gguf_lora(tmp_path / "v", tmp_path / "v.gguf"))[0]["general.architecture"] == "qwen2"
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny.run_cli
 
 
 def test_cli_export_gguf_and_convert_gguf(dirs, tmp_path):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from mlxlora import LoraConfig
-from mlxlora.head import LEVELS, find_head, only_rows, target_rows
+from mlxlora.loss.head import LEVELS, find_head, only_rows, target_rows
 from mlxlora.models import load_base
-from mlxlora.step import loss_sums
-from mlxlora.surgery import get_lora_model
+from mlxlora.loss import loss_sums
+from mlxlora.lora.surgery import get_lora_model
 
 import tiny
 
@@ -59,7 +59,9 @@ def test_rows_loss_and_grads_equal_full_head(arch, quantize, targets, tmp_path):
     flat_full, flat_rows = dict(tree_items(g_full)), dict(tree_items(g_rows))
     assert flat_full.keys() == flat_rows.keys()
     for k, v in flat_full.items():
-        np.testing.assert_allclose(np.array(flat_rows[k]), np.array(v), rtol=1e-4, atol=1e-6, err_msg=k)
+        # float32 sums in another order: an entry near 0 among entries ~20 moves by ~1e-6 of their scale
+        scale = max(1.0, float(np.abs(np.array(v)).max()))
+        np.testing.assert_allclose(np.array(flat_rows[k]), np.array(v), rtol=1e-4, atol=1e-6 * scale, err_msg=k)
     with only_rows(rows):  # the head really projected only the selected rows
         assert model(batch[0]).shape == (1, rows.size, tiny.VOCAB_SIZE)
     # Outside only_rows the swapped head is the plain head: full (B, L, V) logits.
@@ -76,7 +78,7 @@ def tree_items(tree):
 def test_packed_batch_with_rows_equals_full_head(tmp_path):
     """A packed batch (segment mask) with the head at loss rows gives the packed full-head loss."""
     from mlxlora.data import Sample
-    from mlxlora.packing import collate_packed, pack_rows
+    from mlxlora.data.packing import collate_packed, pack_rows
 
     model = load_base(str(tiny.make_model(tmp_path / "m", "llama"))).model
     rng = np.random.default_rng(1)

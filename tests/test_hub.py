@@ -27,7 +27,7 @@ from mlxlora.cards import adapter_card, card_inputs, front_matter, model_card
 from mlxlora.cli import cli
 from mlxlora.hub import PUBLIC_JSON, HubError, ensure_card, export_model, folder_kind, upload, upload_after_fuse
 from mlxlora.models import load_base
-from mlxlora.surgery import adapter_layers
+from mlxlora.lora.surgery import adapter_layers
 from mlxlora.train import train
 
 TOKEN = "hf_fakeTokenForTests0123456789"

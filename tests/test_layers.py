@@ -10,9 +10,9 @@ from mlx.utils import tree_flatten
 
 from mlxlora import LoraConfig, get_lora_model
 from mlxlora.errors import ConfigError
-from mlxlora.layers import DoRALinear, LoRAEmbedding, LoRALinear, lora_scale
-from mlxlora.quant import CPUQuantizedLinear, dequantize_weight, use_fast_cpu_path
-from mlxlora.surgery import count_parameters, find_targets
+from mlxlora.lora.layers import DoRALinear, LoRAEmbedding, LoRALinear, lora_scale
+from mlxlora.lora.quant import CPUQuantizedLinear, dequantize_weight, use_fast_cpu_path
+from mlxlora.lora.surgery import count_parameters, find_targets
 
 
 def _nonzero_b(layer, seed=1):
@@ -101,7 +101,7 @@ def test_lora_fuse_exact_for_float_base():
 
 @pytest.mark.parametrize("chunk", [None, 64 * 7])  # default, or slices of 7 output rows (5 slices, last of 4)
 def test_cpu_fast_path_equals_quantized_matmul_and_grads(chunk, monkeypatch):
-    from mlxlora import quant
+    from mlxlora.lora import quant
 
     if chunk:
         monkeypatch.setattr(quant, "CHUNK_ELEMENTS", chunk)

@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 
 import tiny
-from test_multi import make_adapter  # the shared fixture helper (NON-ZERO lora_b)
 from mlxlora import LoraConfig
 from mlxlora.adapters import CONFIG_FILE, load_adapter
 from mlxlora.errors import AdapterError, ConfigError
-from mlxlora.merge import add_weighted_adapter
+from mlxlora.serve.merge import add_weighted_adapter
 from mlxlora.models import load_base
-from mlxlora.multi import MultiAdapterModel
+from mlxlora.serve.multi import MultiAdapterModel
 
 IDS = mx.array([[5, 17, 33, 100, 200, 7, 9, 250, 3, 64]])
 TOL = 1e-5
@@ -31,7 +30,7 @@ ADAPTERS = {  # different targets, scales (rsLoRA too) and ranks
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
     src = tiny.make_model(root / "llama", "llama")
-    dirs = {name: make_adapter(src, root / name, cfg, seed) for seed, (name, cfg) in enumerate(ADAPTERS.items(), 1)}
+    dirs = {name: tiny.make_adapter(src, root / name, cfg, seed) for seed, (name, cfg) in enumerate(ADAPTERS.items(), 1)}
     return src, dirs
 
 
@@ -154,7 +153,7 @@ def test_matches_peft_add_weighted_adapter(combination, svd_rank, setup, tmp_pat
     peft = pytest.importorskip("peft")
     from mlx_lm.utils import load_model
 
-    from mlxlora.convert.hf import export_hf
+    from mlxlora.models.hf_export import export_hf
 
     src, dirs = setup
     model, config = load_model(src)

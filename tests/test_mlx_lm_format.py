@@ -12,18 +12,17 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load, load_model, save_config
 
 import tiny
 from mlxlora import LoraConfig, get_lora_model
 from mlxlora.adapters import load_adapter, save_adapter
-from mlxlora.cli import cli
-from mlxlora.convert.mlx_lm import export_mlx_lm, import_mlx_lm
+from mlxlora.adapters import export_mlx_lm
+from mlxlora.formats.mlx_lm import import_mlx_lm
 from mlxlora.errors import AdapterError
-from mlxlora.layers import DoRALinear, LoRAEmbedding, LoRALinear
-from mlxlora.surgery import adapter_layers
+from mlxlora.lora.layers import DoRALinear, LoRAEmbedding, LoRALinear
+from mlxlora.lora.surgery import adapter_layers
 
 pytestmark = pytest.mark.peer
 
@@ -32,9 +31,8 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlx_lm_format")
-    return {arch: tiny.make_model(root / arch, arch) for arch in ("llama", "qwen2")}
+def dirs(tiny_dirs):
+    return tiny_dirs  # the session's tiny llama / qwen2 folders (read-only)
 
 
 def logits(model):
@@ -270,8 +268,7 @@ def test_export_refuses_to_overwrite(dirs, tmp_path):
 
 # ---------------------------------------------------------------- CLI
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny.run_cli
 
 
 def test_cli_export_adapter_mlx_lm_and_peft(dirs, tmp_path):

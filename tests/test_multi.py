@@ -9,16 +9,16 @@ import pytest
 from click.testing import CliRunner
 
 import tiny
-from mlxlora import LoraConfig, get_lora_model
-from mlxlora.adapters import load_adapter, save_adapter
+from mlxlora import LoraConfig
+from mlxlora.adapters import load_adapter
 from mlxlora.cli import cli
 from mlxlora.config import EvalConfig
 from mlxlora.errors import AdapterError
 from mlxlora.inference import eval_split, load_with_adapter
-from mlxlora.layers import DoRALinear
 from mlxlora.models import load_base
-from mlxlora.multi import MULTI_TYPES, MultiAdapterModel, compare_perplexity, format_perplexity_table
-from mlxlora.surgery import adapter_layers
+from mlxlora.lora.multi_layers import MULTI_TYPES
+from mlxlora.serve.compare import compare_perplexity, format_perplexity_table
+from mlxlora.serve.multi import MultiAdapterModel
 
 IDS = mx.array([[5, 17, 33, 100, 200, 7, 9, 250],
                 [1, 90, 3, 44, 5, 66, 7, 88],
@@ -38,22 +38,6 @@ ADAPTERS = {
 }
 
 
-def make_adapter(src, out, config, seed, size=0.1):
-    """An adapter folder with random lora_a and NON-ZERO lora_b (and a perturbed DoRA magnitude).
-
-    size: the spread of the random values (0.2 makes greedy text change). Also used by test_server / test_merge.
-    """
-    model = load_base(str(src)).model
-    get_lora_model(model, config)
-    mx.random.seed(seed)
-    for _, layer in adapter_layers(model):
-        layer.lora_a = mx.random.normal(layer.lora_a.shape) * size
-        layer.lora_b = mx.random.normal(layer.lora_b.shape) * size
-        if isinstance(layer, DoRALinear):
-            layer.m = layer.m * (1 + size * mx.random.normal(layer.m.shape))
-    return save_adapter(model, out, base_model=str(src))
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """arch -> (model folder, {name: adapter folder})."""
@@ -62,7 +46,7 @@ def setup(tmp_path_factory):
               "llama-q4": tiny.make_model(root / "llama-q4", "llama", quantize=4)}
     out = {}
     for arch, adapters in ADAPTERS.items():
-        dirs = {name: make_adapter(models[arch], root / arch / name, cfg, seed)
+        dirs = {name: tiny.make_adapter(models[arch], root / arch / name, cfg, seed)
                 for seed, (name, cfg) in enumerate(adapters.items(), start=1)}
         out[arch] = (models[arch], dirs)
     return out
@@ -218,7 +202,7 @@ def test_errors_leave_the_model_working(setup, tmp_path):
     multi.set_adapter("qv")
     ref = np.array(multi(IDS))
     other = tiny.make_model(tmp_path / "wide", "llama", hidden_size=32, intermediate_size=64)
-    bad = make_adapter(other, tmp_path / "bad", LoraConfig(r=4, target_modules=["q_proj", "o_proj"]), seed=5)
+    bad = tiny.make_adapter(other, tmp_path / "bad", LoraConfig(r=4, target_modules=["q_proj", "o_proj"]), seed=5)
     with pytest.raises(AdapterError, match="does not fit this base"):
         multi.load_adapter(bad, "bad")
     with pytest.raises(AdapterError, match="already loaded"):
@@ -240,7 +224,7 @@ def test_errors_leave_the_model_working(setup, tmp_path):
 
 
 def test_mlx_lm_format_adapter_loads_too(setup, tmp_path):
-    mlx_lm_format = pytest.importorskip("mlxlora.convert.mlx_lm")
+    mlx_lm_format = pytest.importorskip("mlxlora.adapters")
     src, dirs = setup["llama"]
     out = mlx_lm_format.export_mlx_lm(dirs["dora"], tmp_path / "mlx-lm")
     assert (out / "adapters.safetensors").is_file()

@@ -7,7 +7,8 @@ import pytest
 
 from mlxlora.data import Sample, collate
 from mlxlora.models import load_base
-from mlxlora.packing import PACKABLE, collate_packed, epoch_packed_batches, pack_rows, packed_logits, padding_fraction
+from mlxlora.data.packing import PACKABLE, collate_packed, epoch_packed_batches, pack_rows, padding_fraction
+from mlxlora.loss.packed import packed_logits
 
 import tiny
 

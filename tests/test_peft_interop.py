@@ -16,9 +16,9 @@ from mlx_lm.utils import load_model
 import tiny
 from mlxlora import LoraConfig, get_lora_model
 from mlxlora.adapters import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
-from mlxlora.convert.hf import export_hf
-from mlxlora.convert.peft import lora_config_from_peft
-from mlxlora.surgery import adapter_layers
+from mlxlora.models.hf_export import export_hf
+from mlxlora.formats.peft import lora_config_from_peft
+from mlxlora.lora.surgery import adapter_layers
 
 pytestmark = pytest.mark.peer
 

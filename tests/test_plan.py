@@ -15,7 +15,7 @@ from mlxlora.errors import ConfigError, ModelError
 from mlxlora.models import load_base
 from mlxlora.plan import (ModelShapes, format_plan, machine_memory, plan_training, read_model,
                           read_safetensors_header, suggest_fit)
-from mlxlora.surgery import count_parameters, get_lora_model
+from mlxlora.lora.surgery import count_parameters, get_lora_model
 
 import tiny
 
@@ -196,7 +196,7 @@ def test_real_smollm2_gguf_plans_like_its_import():
     """The demo's SmolLM2-135M Q4_1 GGUF and the MLX folder imported from it: same counts, and the
     base bytes are the folder's tensor bytes (when the demo model is in the cache)."""
     from mlxlora.cache import cache_dir
-    from mlxlora.demo_model import GGUF_NAME, MODEL_DIR
+    from mlxlora.models.demo import GGUF_NAME, MODEL_DIR
 
     gguf_file, folder = cache_dir() / GGUF_NAME, cache_dir() / MODEL_DIR
     if not (gguf_file.is_file() and (folder / "model.safetensors").is_file()):
@@ -211,7 +211,7 @@ def test_real_smollm2_gguf_plans_like_its_import():
 
 def _measured_peak(folder, lora, batch, seq, quantize=None, grad_checkpoint=False, steps=2):
     """Peak bytes of real training steps (Stepper, as the trainer runs them), over what was live before."""
-    from mlxlora.step import Stepper, grad_checkpoint_blocks, make_optimizer
+    from mlxlora.train.step import Stepper, grad_checkpoint_blocks, make_optimizer
 
     gc.collect()
     mx.clear_cache()
@@ -314,8 +314,7 @@ def test_machine_memory_linux_and_macos_fallback(monkeypatch):
     assert machine_memory() == (12 * 2**30, "0.75 × hw.memsize")
 
 
-def _run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+_run = tiny.run_cli
 
 
 def test_cli_json_text_fit_and_errors(tmp_path):

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 
 from mlxlora import LoraConfig, TrainConfig
 from mlxlora.adapters import load_adapter
-from mlxlora.checkpoint import latest_checkpoint, list_checkpoints
+from mlxlora.train.checkpoint import latest_checkpoint, list_checkpoints
 from mlxlora.errors import AdapterError
 from mlxlora.inference import load_with_adapter
 from mlxlora.models import load_base
@@ -157,7 +157,7 @@ def test_early_stop_without_save_best_keeps_last_and_needs_valid(model_dir, data
 # ------------------------------------------------------------------ 3. memory warning
 
 def test_memory_warning_when_plan_exceeds_memory(model_dir, data_dir, tmp_path, monkeypatch):
-    import mlxlora.plan as plan
+    import mlxlora.plan.budget as plan
 
     monkeypatch.setattr(plan, "machine_memory", lambda: (1_000_000, "test budget"))
     console = _quiet()

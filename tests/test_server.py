@@ -13,12 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 import tiny
-from test_multi import make_adapter  # the shared fixture helper (NON-ZERO lora_b)
 from mlxlora import LoraConfig
 from mlxlora.cli import cli
 from mlxlora.commands.serve import load_engine
 from mlxlora.inference import load_with_adapter
-from mlxlora.server import ServeConfig, StopText, make_server, serve_forever
+from mlxlora.serve.server import ServeConfig, StopText, make_server, serve_forever
 
 MAX_TOKENS = 16
 CHAT = [{"role": "user", "content": "Hello there"}]
@@ -34,7 +33,7 @@ ADAPTERS = {
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     src = tiny.make_model(root / "tinyllama", "llama")
-    dirs = {n: make_adapter(src, root / n, cfg, seed, size=0.2) for seed, (n, cfg) in enumerate(ADAPTERS.items(), start=3)}
+    dirs = {n: tiny.make_adapter(src, root / n, cfg, seed, size=0.2) for seed, (n, cfg) in enumerate(ADAPTERS.items(), start=3)}
     return src, dirs
 
 

@@ -11,9 +11,9 @@ from safetensors.numpy import load_file
 
 from mlxlora import LoraConfig, TrainConfig
 from mlxlora.models import load_base
-from mlxlora.surgery import adapter_parameters as adapter_state
-from mlxlora.step import Stepper, make_optimizer
-from mlxlora.surgery import get_lora_model  # noqa: E402
+from mlxlora.lora.surgery import adapter_parameters as adapter_state
+from mlxlora.train.step import Stepper, make_optimizer
+from mlxlora.lora.surgery import get_lora_model  # noqa: E402
 from mlxlora.train import TrainingStopped, train
 
 import tiny

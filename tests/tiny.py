@@ -108,8 +108,8 @@ def make_model(path: Path, arch: str = "llama", quantize: int | None = None, see
 
 def randomize_adapters(model, seed: int = 1, dtype=None):
     """Non-zero lora_b (and random lora_a, perturbed DoRA magnitudes) everywhere, so outputs depend on them."""
-    from mlxlora.layers import DoRALinear
-    from mlxlora.surgery import adapter_layers
+    from mlxlora.lora.layers import DoRALinear
+    from mlxlora.lora.surgery import adapter_layers
 
     mx.random.seed(seed)
     for _, layer in adapter_layers(model):
@@ -132,3 +132,34 @@ def one_line_error(res, *needles):
     assert "Traceback" not in res.output
     for n in needles:
         assert n in lines[0], (n, lines[0])
+
+
+def run_cli(*args):
+    """`mlxlora ARGS...` through Click's CliRunner (arguments str()-ed); exceptions that are not
+    MlxloraErrors propagate, so a traceback fails the test."""
+    from click.testing import CliRunner
+
+    from mlxlora.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def make_adapter(src, out, config, seed, size=0.1):
+    """An adapter folder with random lora_a and NON-ZERO lora_b (and a perturbed DoRA magnitude).
+
+    size: the spread of the random values (0.2 makes greedy text change). Shared by test_multi, test_merge and test_server.
+    """
+    from mlxlora.adapters import save_adapter
+    from mlxlora.lora.layers import DoRALinear
+    from mlxlora.lora.surgery import adapter_layers, get_lora_model
+    from mlxlora.models import load_base
+
+    model = load_base(str(src)).model
+    get_lora_model(model, config)
+    mx.random.seed(seed)
+    for _, layer in adapter_layers(model):
+        layer.lora_a = mx.random.normal(layer.lora_a.shape) * size
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * size
+        if isinstance(layer, DoRALinear):
+            layer.m = layer.m * (1 + size * mx.random.normal(layer.m.shape))
+    return save_adapter(model, out, base_model=str(src))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import click
 
+from ..config import ExportConfig
+from .options import DTYPE, default
+
 
 @click.command(name="upload")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
@@ -28,8 +31,8 @@ def upload(path, repo_id, private, message, base_model):
 @click.option("--model", required=True, help="Base model: folder, .gguf file or hub id.")
 @click.option("--adapter", help="Adapter folder to fuse in (float) before exporting.")
 @click.option("--out", required=True, type=click.Path(), help="Output folder (transformers format).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Weight dtype. [default: float32]")
-@click.option("--max-shard-size", help="Largest weight file, e.g. 5GB, 500MB, 4GiB. [default: 5GB]")
+@click.option("--dtype", type=DTYPE, help=f"Weight dtype. {default(ExportConfig, 'dtype')}")
+@click.option("--max-shard-size", help=f"Largest weight file, e.g. 5GB, 500MB, 4GiB. {default(ExportConfig, 'max_shard_size')}")
 @click.option("--base-model", help="Hub id of the base model for the card, when --model is a local folder.")
 @click.option("--force", is_flag=True, default=False, help="Replace an existing --out folder.")
 def export_model(model, adapter, out, dtype, max_shard_size, base_model, force):
@@ -38,7 +41,7 @@ def export_model(model, adapter, out, dtype, max_shard_size, base_model, force):
     Example: mlxlora export-model --model ./smollm2 --adapter runs/devil --out smollm2-devil-hf
     """
     from ..config import given
-    from ..hub import ExportConfig, export_model as run_export
+    from ..hub import export_model as run_export
 
     cfg = ExportConfig(**given(dtype=dtype, max_shard_size=max_shard_size))
     folder = run_export(model, out, adapter=adapter, config=cfg, force=force, base_model=base_model)

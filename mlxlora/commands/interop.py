@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .options import DTYPE, QUANTIZE
+
 TARGETS = ("mlx-lm", "peft", "gguf")
 
 
@@ -20,28 +22,17 @@ def export_adapter(adapter, out, target, model, force):
 
     Example: mlxlora export-adapter runs/devil --to gguf devil-lora.gguf --model ./SmolLM2-135M-Instruct
     """
-    force = bool(force)
-    if target == "mlx-lm":
-        from ..convert.mlx_lm import export_mlx_lm
+    from ..adapters import export_adapter as run_export
 
-        path = export_mlx_lm(adapter, out, force=force)
-    elif target == "peft":
-        from ..convert.mlx_lm import export_peft
-
-        path = export_peft(adapter, out, model=model, force=force)
-    else:
-        from ..convert.gguf_lora import export_gguf_lora
-
-        path = export_gguf_lora(adapter, out, model_dir=model, force=force)
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote {run_export(adapter, out, target, model=model, force=bool(force))}")
 
 
 @click.command()
 @click.option("--model", required=True, help="A transformers folder, hub id, or .gguf file.")
 @click.option("--out", required=True, help="The MLX model folder to write.")
-@click.option("-q", "--quantize", type=click.Choice(["2", "3", "4", "5", "6", "8"]), help="Quantize to this many bits.")
+@click.option("-q", "--quantize", type=QUANTIZE, help="Quantize to this many bits.")
 @click.option("--q-group-size", type=int, help="Group size for -q. [default: mlx-lm's, 64]")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+@click.option("--dtype", type=DTYPE,
               help="Dtype of float weights. [default: the checkpoint's]")
 @click.option("--force", is_flag=True, default=None, help="Replace an existing --out folder.")
 def convert(model, out, quantize, q_group_size, dtype, force):
@@ -49,7 +40,7 @@ def convert(model, out, quantize, q_group_size, dtype, force):
 
     Example: mlxlora convert --model HuggingFaceTB/SmolLM2-135M-Instruct --out smollm2-4bit -q 4
     """
-    from ..convert.mlx_lm import convert_model
+    from ..models.convert import convert_model
 
     path = convert_model(model, out, quantize=int(quantize) if quantize else None, q_group_size=q_group_size,
                          dtype=dtype, force=bool(force))

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import click
 
+from ..config import TrainConfig
+from .options import DTYPE, QUANTIZE, default
+
 
 @click.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="A train YAML file; the flags below override it.")
 @click.option("--model", help="Model folder, config.json, .gguf file, or hub id (only headers are read).")
-@click.option("--quantize", type=click.Choice(["2", "3", "4", "5", "6", "8"]),
+@click.option("--quantize", type=QUANTIZE,
               help="Quantize the base at load time (QLoRA).")
-@click.option("--q-group-size", type=int, help="Group size for --quantize. [default: 64]")
-@click.option("--rank", type=int, help="LoRA rank r. [default: 8]")
-@click.option("--target", help="Comma-separated module names, a regex, or all-linear. [default: q_proj,v_proj]")
+@click.option("--q-group-size", type=int, help=f"Group size for --quantize. {default(TrainConfig, 'q_group_size')}")
+@click.option("--rank", type=int, help=f"LoRA rank r. {default(TrainConfig, 'rank')}")
+@click.option("--target", help=f"Comma-separated module names, a regex, or all-linear. {default(TrainConfig, 'target')}")
 @click.option("--layers", type=int, help="Adapt only the last N blocks.")
 @click.option("--dora", is_flag=True, default=None, help="DoRA instead of LoRA.")
-@click.option("--batch-size", type=int, help="[default: 4]")
-@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step. [default: 1]")
-@click.option("--max-seq-length", type=int, help="Every sample is counted at this length. [default: 2048]")
+@click.option("--batch-size", type=int, help=default(TrainConfig, "batch_size"))
+@click.option("--grad-accum", type=int, help=f"Micro-batches per optimizer step. {default(TrainConfig, 'grad_accum')}")
+@click.option("--max-seq-length", type=int, help=f"Every sample is counted at this length. {default(TrainConfig, 'max_seq_length')}")
 @click.option("--grad-checkpoint", is_flag=True, default=None, help="Recompute block activations (less memory).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+@click.option("--dtype", type=DTYPE,
               help="Compute dtype. [default: float32 on CPU, the checkpoint's on a GPU]")
 @click.option("--backend", type=click.Choice(["cpu", "gpu"]), help="Plan for this mlx backend. [default: this machine's]")
 @click.option("--memory-gb", type=float, help="Memory budget in GiB. [default: this machine's]")

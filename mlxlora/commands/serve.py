@@ -10,28 +10,11 @@ from pathlib import Path
 
 import click
 
+from ..config import GenerateConfig, ServeConfig
 from ..errors import ConfigError
-
-QUANTIZE = click.Choice(["2", "3", "4", "5", "6", "8"])
+from .options import QUANTIZE, default, parse_adapter_specs, quantize_bits
 CHAT_HELP = ("/adapter NAME  switch adapter (history is kept)   /adapter none  the bare base\n"
              "/adapters      list them   /clear  forget the conversation   /quit  leave")
-
-
-def parse_adapter_specs(specs) -> dict[str, str]:
-    """`--adapter name=DIR` (or just DIR: named after the folder) -> {name: DIR}. Raises ConfigError."""
-    out: dict[str, str] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec.rstrip("/")).name, spec
-        if not name or not path:
-            raise ConfigError(f"--adapter {spec!r}: write name=DIR (e.g. --adapter devil=runs/devil)")
-        if name.lower() in ("none", "base"):
-            raise ConfigError(f"--adapter {spec!r}: {name!r} is reserved for the bare base; pick another name")
-        if name in out:
-            raise ConfigError(f"--adapter {spec!r}: the name {name!r} is given twice")
-        out[name] = path
-    return out
 
 
 def base_name_of(spec: str) -> str:
@@ -45,10 +28,10 @@ def base_name_of(spec: str) -> str:
 def load_engine(model: str, adapters: dict[str, str], quantize: str | None = None):
     """Load the base once, attach the adapters, and return a server.Engine over them."""
     from ..models import load_base
-    from ..multi import MultiAdapterModel
-    from ..server import Engine
+    from ..serve.engine import Engine
+    from ..serve.multi import MultiAdapterModel
 
-    base = load_base(model, quantize=int(quantize) if quantize else None)
+    base = load_base(model, quantize=quantize_bits(quantize))
     base.model.eval()
     multi = MultiAdapterModel(base.model)
     for name, path in adapters.items():
@@ -123,16 +106,16 @@ def _gen_options(f):
 @_gen_options
 @click.option("--start", "start_adapter", help="Adapter to start with. [default: the first --adapter]")
 @click.option("--system", help="A system message put before the conversation.")
-@click.option("--max-tokens", type=int, help="Per reply. [default: 256]")
-@click.option("--temp", type=float, help="Sampling temperature; 0 is greedy. [default: 0]")
-@click.option("--top-p", type=float, help="[default: 1.0]")
-@click.option("--seed", type=int, help="[default: 0]")
+@click.option("--max-tokens", type=int, help=f"Per reply. {default(GenerateConfig, 'max_tokens')}")
+@click.option("--temp", type=float, help=f"Sampling temperature; 0 is greedy. {default(GenerateConfig, 'temp')}")
+@click.option("--top-p", type=float, help=default(GenerateConfig, "top_p"))
+@click.option("--seed", type=int, help=default(GenerateConfig, "seed"))
 def chat(model, adapters, quantize, start_adapter, system, **opts):
     """Chat in the terminal; switch adapters with /adapter NAME without reloading.
 
     Example: mlxlora chat --model ./smollm2 --adapter devil=runs/devil --adapter poet=runs/poet
     """
-    from ..config import GenerateConfig, given
+    from ..config import given
 
     cfg = GenerateConfig(**given(**opts))
     specs = parse_adapter_specs(adapters)
@@ -155,17 +138,17 @@ def chat(model, adapters, quantize, start_adapter, system, **opts):
 
 @click.command()
 @_gen_options
-@click.option("--host", help="Address to listen on. [default: 127.0.0.1]")
-@click.option("--port", type=int, help="Port; 0 picks a free one. [default: 8080]")
-@click.option("--max-request-bytes", type=int, help="Larger request bodies get 413. [default: 1000000]")
+@click.option("--host", help=f"Address to listen on. {default(ServeConfig, 'host')}")
+@click.option("--port", type=int, help=f"Port; 0 picks a free one. {default(ServeConfig, 'port')}")
+@click.option("--max-request-bytes", type=int, help=f"Larger request bodies get 413. {default(ServeConfig, 'max_request_bytes')}")
 @click.option("--quiet", is_flag=True, help="Do not log requests.")
 def serve(model, adapters, quantize, quiet, **opts):
     """Serve the base and its adapters over an OpenAI-compatible HTTP API; `model` picks the adapter.
 
     Example: mlxlora serve --model ./smollm2 --adapter devil=runs/devil --port 8080
     """
-    from ..config import ServeConfig, given
-    from ..server import make_server, serve_forever
+    from ..config import given
+    from ..serve.server import make_server, serve_forever
 
     settings = ServeConfig(**given(**opts))
     engine = load_engine(model, parse_adapter_specs(adapters), quantize)

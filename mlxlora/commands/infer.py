@@ -1,0 +1,71 @@
+"""`mlxlora generate` and `mlxlora eval`: text from, and held-out loss of, a base with an adapter."""
+
+from __future__ import annotations
+
+import click
+
+from ..config import EvalConfig, GenerateConfig
+from .options import IGNORE_BASE, QUANTIZE, default, load, model_options, parse_adapter_specs, quantize_bits
+
+
+@click.command()
+@model_options
+@click.option("--prompt", required=True, help="The prompt (a user message when --chat).")
+@click.option("--chat/--no-chat", default=None, help="Use the chat template. [default: when the tokenizer has one]")
+@click.option("--max-tokens", type=int, help=default(GenerateConfig, "max_tokens"))
+@click.option("--temp", type=float, help=f"Sampling temperature; 0 is greedy. {default(GenerateConfig, 'temp')}")
+@click.option("--top-p", type=float, help=default(GenerateConfig, "top_p"))
+@click.option("--seed", type=int, help=default(GenerateConfig, "seed"))
+def generate(model, adapter, quantize, ignore_base_mismatch, prompt, **opts):
+    """Generate text, streaming it as it comes.
+
+    Example: mlxlora generate --model ./smollm2 --adapter adapters --prompt 'Define "cat".'
+    """
+    from ..config import given
+    from ..inference import generate_text
+
+    cfg = GenerateConfig(**given(**opts))
+    base = load(model, adapter, quantize, ignore_base_mismatch)
+    generate_text(base, prompt, cfg, on_text=lambda t: click.echo(t, nl=False))
+    click.echo()
+
+
+@click.command(name="eval")
+@click.option("--model", required=True, help="Model folder, .gguf file, or hub id.")
+@click.option("--adapter", "adapters", multiple=True, metavar="[NAME=]DIR",
+              help="Adapter folder; repeat (or write NAME=DIR) to compare several against the base in one table.")
+@click.option("--quantize", type=QUANTIZE, help="Quantize the base at load time.")
+@click.option("--data", required=True, help="Data folder or a .jsonl file.")
+@click.option("--split", type=click.Choice(["train", "valid", "test"]), help=default(EvalConfig, "split"))
+@click.option("--batch-size", type=int, help=default(EvalConfig, "batch_size"))
+@click.option("--max-seq-length", type=int, help=default(EvalConfig, "max_seq_length"))
+@IGNORE_BASE
+def eval_cmd(model, adapters, quantize, data, ignore_base_mismatch, **opts):
+    """Print loss and perplexity on a data split; with several adapters, a table against the base.
+
+    Example: mlxlora eval --model ./smollm2 --adapter adapters --data examples/devil
+
+    Example: mlxlora eval --model ./smollm2 --adapter devil=runs/devil --adapter poet=runs/poet --data examples/devil
+    """
+    from ..config import given
+
+    cfg = EvalConfig(**given(**opts))
+    table = len(adapters) > 1 or any("=" in a for a in adapters)
+    if table:  # one base, every adapter switched on in turn (mlxlora.multi)
+        from ..models import load_base
+        from ..serve.compare import compare_perplexity, format_perplexity_table
+
+        specs = parse_adapter_specs(adapters)  # bad specs fail before the model loads
+        base = load_base(model, quantize=quantize_bits(quantize))
+        base.model.eval()
+        rows = compare_perplexity(base, specs, data, cfg)
+        res = rows[0]
+    else:
+        from ..inference import eval_split
+
+        res = eval_split(load(model, adapters[0] if adapters else None, quantize, ignore_base_mismatch), data, cfg)
+    click.echo(f"{res['path']}: {res['samples']} samples, {res['target_tokens']} target tokens")
+    if table:
+        click.echo(format_perplexity_table(rows))
+    else:
+        click.echo(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}")

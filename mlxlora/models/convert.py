@@ -1,0 +1,41 @@
+"""`mlxlora convert`: an MLX model folder from a transformers folder / hub id (mlx-lm's convert) or a .gguf file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ModelError
+from ..files import atomic_folder
+from .gguf import convert_gguf
+from .load import resolve_model_path
+
+
+def convert_model(model: str, out_dir, quantize: int | None = None, q_group_size: int | None = None,
+                  dtype: str | None = None, force: bool = False) -> Path:
+    """An MLX model folder from a transformers folder / hub id (mlx-lm's convert) or a .gguf file.
+
+    quantize: bits (2-8); q_group_size and dtype go to mlx-lm (its defaults when None). GGUF files go
+    through `mlxlora.models.gguf.convert_gguf` (group size 32, no dtype). Atomic; an existing
+    non-empty `out_dir` is replaced only with `force`. Raises ModelError.
+    """
+    if str(model).lower().endswith(".gguf"):
+        given = [flag for flag, v in (("--q-group-size", q_group_size), ("--dtype", dtype)) if v is not None]
+        if given:
+            raise ModelError(f"{' and '.join(given)}: not used for a .gguf model (GGUF blocks are 32 wide, "
+                             "weights keep their type); drop them")
+        return Path(convert_gguf(model, out_dir, force=bool(force), quantize_bits=quantize))
+    from mlx_lm.convert import convert
+
+    src = resolve_model_path(str(model))
+    if Path(out_dir).resolve() == src.resolve():
+        raise ModelError(f"--out {out_dir} is the model folder itself; choose another folder")
+    with atomic_folder(out_dir, force=force, error=ModelError) as tmp:
+        try:
+            convert(str(src), str(tmp / "model"), quantize=quantize is not None, q_bits=quantize,
+                    q_group_size=q_group_size, dtype=dtype)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            raise ModelError(f"--model {model}: mlx-lm could not convert it ({str(e).splitlines()[0]})") from None
+        for f in (tmp / "model").iterdir():
+            f.rename(tmp / f.name)
+        (tmp / "model").rmdir()
+    return Path(out_dir)

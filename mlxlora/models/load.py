@@ -1,0 +1,110 @@
+"""Load a base model through mlx-lm: a local HF/MLX folder, a GGUF file, or a hub id.
+
+mlxlora never re-implements architectures: whatever `mlx_lm` can build, we can adapt.
+On the CPU backend, float weights are computed in float32 (float16/bfloat16 matmuls are
+10-20x slower there) and quantized layers use the dequantize+matmul fast path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+
+from ..cache import cache_dir
+from ..config import DTYPE_NAMES, check_dtype
+from ..errors import ModelError
+from ..lora.quant import on_cpu, use_fast_cpu_path
+from .fingerprint import fingerprint
+from .gguf import convert_gguf
+
+MX_DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}  # dtype names -> mlx dtypes
+
+
+@dataclass
+class Base:
+    """A loaded base model: the mlx-lm module, its tokenizer, its config and where it came from."""
+
+    model: nn.Module
+    tokenizer: object
+    config: dict
+    path: Path
+    source: str
+    info: dict = field(default_factory=dict)
+
+
+def resolve_model_path(spec: str) -> Path:
+    """A local folder for `spec` (folder, .gguf file, or hub id). Raises ModelError with the fix."""
+    p = Path(spec).expanduser()
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"--model: GGUF file {p} does not exist")
+        digest = hashlib.sha256(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+        out = cache_dir() / "gguf" / f"{p.stem}-{digest}"
+        if not (out / "config.json").is_file():
+            convert_gguf(p, out)
+        return out
+    if p.exists():
+        if not p.is_dir():
+            raise ModelError(f"--model: {p} is not a folder (expected config.json + *.safetensors, or a .gguf file)")
+        return p
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") != 1
+    if looks_like_path:
+        raise ModelError(f"--model: {spec} does not exist (give a model folder, a .gguf file or a hub id user/name)")
+    try:
+        from mlx_lm.utils import _download
+
+        return _download(spec)
+    except Exception as e:  # network/offline/auth errors from huggingface_hub
+        raise ModelError(f"--model: could not fetch hub id {spec!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "check the id and network (HF_HUB_OFFLINE?), or pass a local folder") from None
+
+
+def _check_folder(path: Path) -> None:
+    missing = [n for n in ("config.json",) if not (path / n).is_file()]
+    weights = list(path.glob("model*.safetensors"))
+    if not weights:
+        pickles = [w.name for w in path.glob("*.bin")] + [w.name for w in path.glob("*.pt")]
+        if pickles:
+            missing.append(f"*.safetensors (found {', '.join(pickles)}: pickle files are never loaded; "
+                           "convert them to safetensors with transformers' save_pretrained(safe_serialization=True))")
+        else:
+            missing.append("model*.safetensors")
+    if missing:
+        raise ModelError(f"--model: {path} is missing {'; '.join(missing)}")
+
+
+def load_base(spec: str, quantize: int | None = None, group_size: int = 64, dtype: str | None = None,
+              trust_remote_code: bool = False) -> Base:
+    """Load a base model and tokenizer with mlx-lm; optionally quantize at load time.
+
+    dtype: compute dtype of float parameters; default float32 on CPU, the checkpoint's own elsewhere.
+    """
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    path = resolve_model_path(spec)
+    _check_folder(path)
+    try:
+        model, config = load_model(path, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+        raise ModelError(f"--model: mlx-lm could not load {path}: {str(e).splitlines()[0]}") from None
+    target = MX_DTYPES[check_dtype(dtype)] if dtype else (mx.float32 if on_cpu() else None)
+    if target is not None:
+        model.update(tree_map(lambda a: a.astype(target) if mx.issubdtype(a.dtype, mx.floating) else a,
+                              model.parameters()))
+    if quantize:
+        if "quantization" in config:
+            raise ModelError(f"--quantize {quantize}: {spec} is already quantized "
+                             f"({config['quantization'].get('bits')}-bit); drop --quantize")
+        nn.quantize(model, group_size=group_size, bits=quantize,
+                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
+        config = dict(config, quantization={"group_size": group_size, "bits": quantize})
+    use_fast_cpu_path(model)
+    mx.eval(model.parameters())
+    return Base(model=model, tokenizer=tokenizer, config=config, path=path, source=spec,
+                info={"fingerprint": fingerprint(model, config)})

@@ -1,0 +1,306 @@
+"""The training loop: data → compiled steps → validation → checkpoints → the adapter folder."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .. import data as D
+from ..adapters import load_adapter_weights, save_adapter
+from ..config import TrainConfig
+from ..data.batches import pad_id
+from ..errors import AdapterError, ConfigError, TrainingStopped, exists_error
+from ..inference import evaluate
+from ..lora.surgery import count_parameters, get_lora_model
+from ..models import Base, describe_base, load_base
+from .batches import BatchPlan
+from .checkpoint import (TrainerState, best_checkpoint, latest_checkpoint, latest_path, load_trainer_state,
+                         remove_stale_temps, save_checkpoint)
+from .memory import memory_warning
+from .plot import plot_losses
+from .progress import Progress
+from .record import run_record
+from .signals import StopSignals
+from .step import Stepper, grad_checkpoint_blocks, make_optimizer
+
+
+@dataclass
+class TrainResult:
+    adapter_path: Path
+    steps: int
+    train_loss: float | None
+    val_loss: float | None
+    base_val_loss: float | None
+    tokens: int
+    seconds: float
+
+
+def check_output_folder(path: Path, force: bool, resume: bool) -> None:
+    """Refuse to write into a non-empty adapter folder unless --force (or --resume)."""
+    if path.exists() and not path.is_dir():
+        raise AdapterError(f"--adapter-path: {path} is a file; choose a folder name")
+    if path.is_dir() and any(path.iterdir()) and not (force or resume):
+        raise exists_error(path, flag="--adapter-path", also=", --resume to continue its training", cls=AdapterError)
+
+
+class Trainer:
+    """One training run. `run()` trains to the end (or to a stop) and writes the adapter folder."""
+
+    def __init__(self, cfg: TrainConfig, base: Base | None = None, resume: str | None = None, console=None,
+                 callbacks=()):
+        self.cfg, self.resume, self.callbacks = cfg, resume, list(callbacks)
+        self.out = Path(cfg.adapter_path)
+        # Under mlx.launch every rank runs this; alone, the group has size 1.
+        self.group = mx.distributed.init()
+        self.rank, self.world = self.group.rank(), self.group.size()
+        if self.rank == 0:  # rank 0 owns the output folder (others would race its creation)
+            check_output_folder(self.out, cfg.force, resume is not None)
+        if cfg.model is None and base is None:
+            raise ConfigError("--model is required (a model folder, a .gguf file or a hub id)")
+        files = D.find_split_files(cfg.data, cfg.train_file, cfg.valid_file)
+        self.base = base or load_base(cfg.model, quantize=cfg.quantize, group_size=cfg.q_group_size, dtype=cfg.dtype)
+        tok = self.base.tokenizer
+        self.train_split = D.load_split(files["train"], tok, cfg.max_seq_length)
+        self.valid_split = D.load_split(files["valid"], tok, cfg.max_seq_length) if "valid" in files else None
+        if (cfg.save_best or cfg.early_stop) and self.valid_split is None:
+            flag = "--save-best" if cfg.save_best else "--early-stop"
+            raise ConfigError(f"{flag} needs validation data: add valid.jsonl to --data or pass --valid-file")
+        self.files = files
+        self.pad_id = pad_id(tok)
+        self.progress = Progress(console, quiet=self.rank != 0)
+        self.batches = BatchPlan(cfg, self.train_split, self.base.config.get("model_type"), self.pad_id,
+                                 self.rank, self.world)
+        if self.batches.pack:
+            self.progress.note(f"packing: rows of up to {self.batches.pack_capacity} tokens; padding "
+                               f"{100 * self.batches.pad_fraction:.0f}% → {100 * self.batches.packed_padding():.0f}%")
+        if self.world > 1:
+            self.progress.note(f"data parallel: {self.world} ranks × batch {cfg.batch_size} = global batch "
+                               f"{self.batches.global_batch}")
+        warning = memory_warning(cfg, self.base, self.batches.pack_capacity)
+        if warning:
+            self.progress.console.print(f"[yellow]{warning}[/yellow]")
+        self.early_stopped = False
+
+    # -- schedule -----------------------------------------------------------------
+    def total_steps(self) -> int:
+        cfg = self.cfg
+        if cfg.iters is not None:
+            return cfg.iters
+        n_batches = len(self.batches.plan(0))
+        return max(1, math.ceil((cfg.epochs or 1) * n_batches / cfg.grad_accum))
+
+    # -- run ----------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, model = self.cfg, self.base.model
+        mx.random.seed(cfg.seed)
+        self.base_info = describe_base(model, self.base.config, self.base.info.get("fingerprint"))  # before wrapping
+        get_lora_model(model, cfg.lora)
+        if cfg.grad_checkpoint:
+            grad_checkpoint_blocks(model)
+        total = self.total_steps()
+        optimizer = make_optimizer(cfg, total)
+        optimizer.init(model.trainable_parameters())
+        st = TrainerState()
+        if self.resume is not None:
+            st = self._restore(optimizer)
+        elif self.out.exists() and cfg.force and self.rank == 0:
+            shutil.rmtree(self.out)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        stepper = Stepper(model, optimizer, cfg.clip_grad, group=self.group)
+        trainable, n_params = count_parameters(model)
+        self.progress.start(total, st.step, trainable, n_params, self.train_split.stats, cfg)
+        base_val = None
+        if self.valid_split is not None and st.step == 0:
+            base_val = self._validate(model)
+            st.val_log.append([0, base_val])
+        t0, stop = time.perf_counter(), StopSignals(self.out, self.rank)
+        try:
+            self._loop(model, optimizer, stepper, st, total, stop)
+        except RuntimeError as e:
+            if self.world == 1:
+                raise
+            # A peer rank died: the ring reports it here unless mlx.launch's SIGTERM came first.
+            raise TrainingStopped(stop.message(f"lost a peer rank ({str(e).splitlines()[0]})")) from None
+        finally:
+            stop.restore()
+        if stop.hit:
+            path = self._checkpoint(model, optimizer, st)
+            raise TrainingStopped(f"interrupted at step {st.step}/{total}; checkpoint saved to {path}; "
+                                  f"continue with: mlxlora train --resume {self.out} (same flags)")
+        if self.early_stopped:
+            self._finish_early(model, st)
+        val = self._validate(model) if self.valid_split is not None else None
+        if val is not None and (not st.val_log or st.val_log[-1][0] != st.step):
+            st.val_log.append([st.step, val])
+            if self._improved(st, val) and cfg.save_best:
+                self._checkpoint(model, optimizer, st, best=True)
+        seconds = time.perf_counter() - t0
+        self._save_final(model, st, val, base_val, seconds)
+        self.progress.finish(st, val, self.out)
+        last = st.train_log[-1][1] if st.train_log else None
+        return TrainResult(self.out, st.step, last, val, base_val, st.tokens, seconds)
+
+    def _loop(self, model, optimizer, stepper, st, total, stop):
+        cfg = self.cfg
+        window_tokens, window_t, bad_in_row = 0, time.perf_counter(), 0
+        while st.step < total and not stop.hit:
+            model.train()
+            batches, real_tokens = self.batches.next(st)
+            # Dropout noise depends on (seed, step) only, so a resumed run draws the same masks.
+            mx.random.seed(cfg.seed * 1_000_003 + st.step)
+            before = (model.trainable_parameters(), _copy_tree(optimizer.state))
+            loss, ntok, norm = stepper.step(batches)
+            mx.eval(loss, ntok, norm, model.state, optimizer.state)
+            loss_v = loss.item()
+            st.step += 1
+            if not (math.isfinite(loss_v) and math.isfinite(norm.item())):
+                # Undo the update: parameters and optimizer moments go back to the last good values.
+                model.update(before[0])
+                _assign_tree(optimizer.state, before[1])
+                st.nonfinite_skipped += 1
+                bad_in_row += 1
+                self.progress.note(f"step {st.step}: non-finite loss/gradient, update skipped "
+                                   f"({bad_in_row} in a row, {st.nonfinite_skipped} in all)")
+                if bad_in_row >= cfg.max_nonfinite:
+                    raise TrainingStopped(f"{bad_in_row} non-finite steps in a row at step {st.step}; "
+                                          "lower --lr or check the data; the last good checkpoint is under "
+                                          f"{self.out / 'checkpoints'}")
+                continue
+            bad_in_row = 0
+            st.tokens += real_tokens
+            window_tokens += real_tokens
+            tps = window_tokens / max(time.perf_counter() - window_t, 1e-9)
+            lr = optimizer.learning_rate
+            lr = float(lr.item()) if isinstance(lr, mx.array) else float(lr)
+            st.train_log.append([st.step, loss_v, lr, tps])
+            val = None
+            if self.valid_split is not None and st.step % cfg.val_every == 0 and st.step < total:
+                val = self._validate(model)
+                st.val_log.append([st.step, val])
+            self.progress.update(st, loss_v, val, tps, report=(st.step % cfg.report_every == 0 or st.step == total))
+            if st.step % cfg.report_every == 0:
+                window_tokens, window_t = 0, time.perf_counter()
+            best = val is not None and self._improved(st, val) and cfg.save_best
+            if (st.step % cfg.save_every == 0 and st.step < total) or best:
+                self._checkpoint(model, optimizer, st, best=best)
+            for cb in self.callbacks:
+                cb(st)
+            if cfg.early_stop and st.bad_vals >= cfg.early_stop:
+                self.early_stopped = True
+                break
+
+    @staticmethod
+    def _improved(st: TrainerState, val: float) -> bool:
+        """Track the best validation loss after step 0; False counts toward --early-stop."""
+        if st.best_val is None or val < st.best_val:
+            st.best_val, st.best_step, st.bad_vals = val, st.step, 0
+            return True
+        st.bad_vals += 1
+        return False
+
+    def _finish_early(self, model, st: TrainerState) -> None:
+        """--early-stop fired: with --save-best, the final adapter becomes the best checkpoint's."""
+        msg = (f"early stop at step {st.step}: validation loss has not improved for {self.cfg.early_stop} "
+               f"validation(s) (best {st.best_val:.4f} at step {st.best_step})")
+        best = best_checkpoint(self.out / "checkpoints") if self.cfg.save_best else None
+        if best is not None:
+            load_adapter_weights(model, best)
+            msg += f"; the final adapter is the best checkpoint {best.name}"
+        else:
+            msg += "; the final adapter is the last step's (add --save-best to keep the best one)"
+        self.progress.note(msg)
+
+    def _validate(self, model) -> float | None:
+        model.eval()
+        v = evaluate(model, self.valid_split, self.cfg.batch_size, self.cfg.pad_multiple, self.pad_id,
+                     self.cfg.val_batches)
+        model.train()
+        return v
+
+    # -- files --------------------------------------------------------------------
+    def _extra(self, st: TrainerState, **final) -> dict:
+        final.setdefault("base_shapes", self.base_info["shapes"])
+        if self.early_stopped:
+            final.update(early_stopped_at=st.step, best_step=st.best_step, best_val_loss=st.best_val)
+        return {"train_config": _jsonable(asdict(self.cfg)),
+                "run_record": run_record(self.base, self.files, {"train": self.train_split, "valid": self.valid_split},
+                                         self.cfg, st, resumed_from=self.resume, **final)}
+
+    def _write_adapter(self, folder: Path, st: TrainerState, **final) -> None:
+        save_adapter(self.base.model, folder, base_model=self.base.source, extra=self._extra(st, **final))
+
+    def _checkpoint(self, model, optimizer, st, best: bool = False):
+        if self.rank != 0:
+            return latest_path(self.out / "checkpoints", st)
+        return save_checkpoint(self.out / "checkpoints", st, lambda d: self._write_adapter(d, st), optimizer,
+                               keep=self.cfg.keep_checkpoints, best=best)
+
+    def _save_final(self, model, st, val, base_val, seconds):
+        """Write the adapter files at the top of the adapter folder (checkpoints/ stays beside them)."""
+        if self.rank != 0:
+            return
+        tmp = self.out / f".tmp-final-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self._write_adapter(tmp, st, final_val_loss=val, base_val_loss=base_val, seconds=seconds)
+        for f in tmp.iterdir():
+            os.replace(f, self.out / f.name)
+        tmp.rmdir()
+        plot_losses(st.train_log, st.val_log, self.out / "loss.png")
+
+    def _restore(self, optimizer) -> TrainerState:
+        if self.rank == 0:  # a killed run's half-written checkpoint is never read; clear it away
+            remove_stale_temps(self.out / "checkpoints")
+            for tmp in self.out.glob(".tmp-final-*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        ckpt = latest_checkpoint(Path(self.resume))
+        load_adapter_weights(self.base.model, ckpt, base_info=self.base_info,
+                             ignore_base_mismatch=self.cfg.ignore_base_mismatch)
+        st = load_trainer_state(ckpt, optimizer)
+        self.progress.note(f"resuming from {ckpt} (step {st.step})")
+        return st
+
+
+def _copy_tree(tree):
+    """A new container tree holding the same (immutable) arrays."""
+    if isinstance(tree, dict):
+        return {k: _copy_tree(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_copy_tree(v) for v in tree]
+    return tree
+
+
+def _assign_tree(dst, src):
+    """Write src's leaves into dst's containers in place (compiled steps hold dst itself)."""
+    items = dst.items() if isinstance(dst, dict) else enumerate(dst)
+    for k, v in list(items):
+        if isinstance(v, (dict, list)):
+            _assign_tree(v, src[k])
+        else:
+            dst[k] = src[k]
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    return obj
+
+
+def train(cfg: TrainConfig, base: Base | None = None, resume: str | None = None, console=None,
+          callbacks=()) -> TrainResult:
+    """Train an adapter as configured; returns a summary. Raises MlxloraError subclasses on bad input.
+
+    callbacks: functions called with the TrainerState after every optimizer step.
+    """
+    return Trainer(cfg, base=base, resume=resume, console=console, callbacks=callbacks).run()

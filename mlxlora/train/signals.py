@@ -1,0 +1,48 @@
+"""Signals during training: Ctrl-C checkpoints and stops between steps; SIGTERM (mlx.launch) stops at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .checkpoint import list_checkpoints
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) becomes a flag the loop checks between steps (a second one aborts).
+
+    SIGTERM, which `mlx.launch` sends to every rank when one rank dies, ends the process at
+    once with a one-line message: checkpoints are written atomically, so the last complete
+    one is intact and resumable.
+    """
+
+    def __init__(self, out: Path, rank: int):
+        self.hit, self.out, self.rank, self._old = False, out, rank, {}
+        try:
+            self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._sigint)
+            self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._sigterm)
+        except ValueError:  # not the main thread
+            pass
+
+    def _sigint(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def message(self, why: str) -> str:
+        ckpts = list_checkpoints(self.out / "checkpoints")
+        last = f"last checkpoint {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+        return (f"rank {self.rank}: training stopped: {why}; {last}; "
+                f"resume with: mlxlora train --resume {self.out} (same flags)")
+
+    def _sigterm(self, signum, frame):
+        why = "SIGTERM (under mlx.launch: another rank died or was stopped)"
+        sys.stderr.write(f"Error: {self.message(why)}\n")
+        sys.stderr.flush()
+        os._exit(143)
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
