@@ -1,0 +1,109 @@
+"""The configs of the commands that use a model: generate, eval, serve, export-model and fuse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError, choice_error
+from .choices import BITS, FUSE_STRATEGIES, GROUP_SIZES, check_dtype, parse_size, positive
+
+
+@dataclass
+class GenerateConfig:
+    """Defaults of `mlxlora generate` (and the demo's sample generations)."""
+
+    max_tokens: int = 256
+    temp: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    chat: bool | None = None  # None: use the chat template when the tokenizer has one
+
+    def __post_init__(self):
+        positive("--max-tokens", self.max_tokens, int)
+        if not isinstance(self.temp, (int, float)) or self.temp < 0:
+            raise ConfigError(f"--temp must be >= 0, got {self.temp!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p!r}")
+
+
+@dataclass
+class EvalConfig:
+    """Defaults of `mlxlora eval`."""
+
+    split: str = "test"
+    batch_size: int = 4
+    max_seq_length: int = 2048
+    pad_multiple: int = 8
+
+    def __post_init__(self):
+        if self.split not in ("train", "valid", "test"):
+            raise ConfigError(f"--split must be train, valid or test, got {self.split!r}")
+        for name in ("batch_size", "max_seq_length", "pad_multiple"):
+            positive(f"--{name.replace('_', '-')}", getattr(self, name), int)
+
+
+@dataclass
+class ServeConfig:
+    """Defaults of `mlxlora serve`: where to listen and the largest request body accepted (bytes)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_request_bytes: int = 1_000_000
+
+    def __post_init__(self):
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(f"--host must be an address such as 127.0.0.1, got {self.host!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in 0..65535, got {self.port!r}")
+        if isinstance(self.max_request_bytes, bool) or not isinstance(self.max_request_bytes, int) \
+                or self.max_request_bytes < 1:
+            raise ConfigError(f"--max-request-bytes must be a positive integer, got {self.max_request_bytes!r}")
+
+
+@dataclass
+class ExportConfig:
+    """Defaults of `mlxlora export-model`. dtype: float weights written; max_shard_size: per file."""
+
+    dtype: str = "float32"
+    max_shard_size: str = "5GB"
+
+    def __post_init__(self):
+        check_dtype(self.dtype)
+        parse_size(self.max_shard_size)
+
+
+@dataclass
+class FuseConfig:
+    """Defaults of `mlxlora fuse` / `fuse_model`.
+
+    bits: None keeps the base's bits; 0 writes float weights; 2..8 re-quantizes the touched layers of
+    a quantized base at that width (a float base is fused exactly, in float). strategy: "auto" or one
+    of FUSE_STRATEGIES; auto = refit with calibration (else naive) plus 8-bit layers.
+    calibration_samples: training rows whose activations weight the rounding (GPTQ's H); without
+    training data, random_rows rows of random_row_length random tokens stand in.
+    size_budget: "auto" may spend up to this ratio of the naive fuse's size on 8-bit layers.
+    """
+
+    bits: int | None = None
+    group_size: int | None = None
+    strategy: str = "auto"
+    calibration_samples: int = 128
+    random_rows: int = 32
+    random_row_length: int = 128
+    max_seq_length: int = 512
+    size_budget: float = 1.10
+    damp: float = 0.01
+
+    def __post_init__(self):
+        if isinstance(self.bits, str):
+            name = self.bits.lower()
+            self.bits = 0 if name in ("none", "float") else int(name) if name.isdigit() else self.bits
+        if self.bits not in (None, 0, *BITS):
+            raise choice_error("--bits", self.bits, (*BITS, "none"))
+        if self.group_size not in (None, *GROUP_SIZES):
+            raise choice_error("--group-size", self.group_size, GROUP_SIZES)
+        if self.strategy not in ("auto", *FUSE_STRATEGIES):
+            raise choice_error("--strategy", self.strategy, ("auto", *FUSE_STRATEGIES))
+        if not self.size_budget >= 1.0:
+            raise ConfigError(f"--size-budget must be >= 1.0 (a multiple of the naive fuse's size), "
+                              f"got {self.size_budget!r}")

@@ -1,0 +1,154 @@
+"""TrainConfig (everything `mlxlora train` accepts), its flag names, and reading a --config file."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, choice_error
+from .choices import ALL_LINEAR, BITS, SCHEDULES, check_dtype, positive
+from .lora import LoraConfig
+
+
+@dataclass
+class TrainConfig:
+    """Everything `mlxlora train` needs. Field names are the CLI flag names with '-' -> '_'."""
+
+    model: str | None = None
+    data: str | None = None
+    train_file: str | None = None
+    valid_file: str | None = None
+    adapter_path: str = "adapters"
+    quantize: int | None = None
+    q_group_size: int = 64
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    epochs: int | None = None
+    iters: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: int = 0
+    schedule: str = "cosine"
+    clip_grad: float | None = 1.0
+    grad_checkpoint: bool = False
+    max_seq_length: int = 2048
+    pad_multiple: int = 8
+    pack: bool | None = None  # None: pack when it cuts padding (see Trainer._choose_packing)
+    seed: int = 0
+    val_every: int = 50
+    val_batches: int = -1
+    save_every: int = 100
+    report_every: int = 10
+    dtype: str | None = None
+    max_nonfinite: int = 5
+    keep_checkpoints: int | None = None
+    save_best: bool = False  # keep the best-validation checkpoint as checkpoints/best
+    early_stop: int | None = None  # stop after this many validations without improvement
+    ignore_base_mismatch: bool = False  # --resume onto a base whose fingerprint differs
+    force: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):
+            self.lora = LoraConfig.from_dict(self.lora)
+        if self.quantize not in (None, *BITS):
+            raise choice_error("--quantize", self.quantize, BITS)
+        for name in ("batch_size", "grad_accum", "max_seq_length", "pad_multiple", "val_every",
+                     "save_every", "report_every", "q_group_size", "max_nonfinite"):
+            positive(f"--{name.replace('_', '-')}", getattr(self, name), int)
+        positive("--lr", self.lr, (int, float))
+        for name in ("epochs", "iters", "early_stop", "keep_checkpoints"):
+            if getattr(self, name) is not None:
+                positive(f"--{name.replace('_', '-')}", getattr(self, name), int)
+        if self.epochs is not None and self.iters is not None:
+            raise ConfigError("give --epochs or --iters, not both")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ConfigError(f"--warmup must be an integer >= 0, got {self.warmup!r}")
+        if self.schedule not in SCHEDULES:
+            raise choice_error("--schedule", self.schedule, SCHEDULES)
+        if self.clip_grad is not None and not (isinstance(self.clip_grad, (int, float)) and self.clip_grad > 0):
+            raise ConfigError(f"--clip-grad must be > 0, got {self.clip_grad!r}")
+        if self.dtype is not None:
+            check_dtype(self.dtype)
+
+    @property
+    def total_iters_fixed(self) -> bool:
+        return self.iters is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# CLI flag / config-file key -> (section, field). Section "lora" means LoraConfig.
+FLAG_FIELDS: dict[str, tuple[str, str]] = {
+    "rank": ("lora", "r"),
+    "alpha": ("lora", "lora_alpha"),
+    "dropout": ("lora", "lora_dropout"),
+    "target": ("lora", "target_modules"),
+    "layers": ("lora", "last_n_layers"),
+    "dora": ("lora", "use_dora"),
+    "rslora": ("lora", "use_rslora"),
+    "rank_pattern": ("lora", "rank_pattern"),
+    "alpha_pattern": ("lora", "alpha_pattern"),
+    "layers_to_transform": ("lora", "layers_to_transform"),
+}
+for _f in dataclasses.fields(TrainConfig):
+    if _f.name != "lora":
+        FLAG_FIELDS[_f.name] = ("train", _f.name)
+
+
+def build_train_config(file_values: dict[str, Any] | None, flag_values: dict[str, Any],
+                       source: str = "config file") -> TrainConfig:
+    """Merge a config file (flag-named keys) with CLI flags (flags win) into a TrainConfig.
+
+    Unknown keys raise ConfigError naming the key and the file.
+    """
+    merged: dict[str, Any] = {}
+    float_keys = {"lr", "weight_decay", "clip_grad", "alpha", "dropout"}
+    for values, where in ((file_values or {}, source), (flag_values, "command line")):
+        for key, value in values.items():
+            norm = key.replace("-", "_")
+            if norm not in FLAG_FIELDS:
+                raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(FLAG_FIELDS))}")
+            if value is not None:
+                if norm in float_keys and isinstance(value, str):
+                    # YAML 1.1 reads "1e-4" as a string
+                    try:
+                        value = float(value)
+                    except ValueError:
+                        raise ConfigError(f"{where}: {key} must be a number, got {value!r}") from None
+                merged[norm] = value
+    lora_kw, train_kw = {}, {}
+    for key, value in merged.items():
+        section, name = FLAG_FIELDS[key]
+        if key == "target" and isinstance(value, str) and "," in value:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif key == "target" and isinstance(value, (tuple, list)) and len(value) == 1 and value[0] == ALL_LINEAR:
+            value = ALL_LINEAR
+        (lora_kw if section == "lora" else train_kw)[name] = value
+    try:
+        return TrainConfig(lora=LoraConfig(**lora_kw), **train_kw)
+    except TypeError as e:  # a wrong type slipped past a validator
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (or JSON) config whose keys are flag names."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of flag names to values, got {type(data).__name__}")
+    return data
