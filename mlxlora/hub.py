@@ -13,8 +13,8 @@ from pathlib import Path
 
 from .cards import CARD_FILE, adapter_card, adapter_summary, base_license, card_inputs, model_card
 from .config import ExportConfig
-from .errors import HubError, MlxloraError, ModelError, exists_error
-from .files import atomic_write_text, read_json, safetensors_header
+from .errors import HubError, MlxloraError, ModelError
+from .files import atomic_write_text, check_disjoint, check_output, read_json, safetensors_header
 from .inference import load_with_adapter
 from .lora.surgery import fuse_model
 from .models import resolve_model_path
@@ -230,8 +230,8 @@ def export_model(model: str, out, *, adapter=None, config: ExportConfig | None =
     """
     cfg = config or ExportConfig()
     out = Path(out)
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise exists_error(out, flag="--out", cls=ModelError)
+    check_disjoint(out, {"--model": model, "--adapter": adapter}, flag="--out", error=ModelError)
+    check_output(out, force=force, flag="--out", error=ModelError)
     src = resolve_model_path(model)
     try:
         model_type = json.loads((src / "config.json").read_text()).get("model_type")
@@ -242,10 +242,10 @@ def export_model(model: str, out, *, adapter=None, config: ExportConfig | None =
     base = load_with_adapter(model, adapter)
     if adapter:
         fuse_model(base.model, dequantize=True)
-    export_hf(base.model, base.config, base.path, out, cfg.dtype, force=force, max_shard_size=cfg.max_shard_size)
-    (out / CARD_FILE).write_text(model_card(out, "hf", base_model=base_model or model,
-                                            adapter_info=adapter_summary(adapter) if adapter else None,
-                                            license=base_license(base.path)))
+    card = model_card(out, "hf", base_model=base_model or model,
+                      adapter_info=adapter_summary(adapter) if adapter else None, license=base_license(base.path))
+    export_hf(base.model, base.config, base.path, out, cfg.dtype, force=force, max_shard_size=cfg.max_shard_size,
+              extra_files={CARD_FILE: card}, flag="--out")  # the card goes in with the weights, atomically
     return out
 
 
