@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, choice_error
-from .choices import ALL_LINEAR, BITS, SCHEDULES, check_dtype, positive
+from .choices import ALL_LINEAR, BITS, GROUP_SIZES, SCHEDULES, check_dtype, number, positive
 from .lora import LoraConfig
 
 
@@ -59,6 +59,9 @@ class TrainConfig:
                      "save_every", "report_every", "q_group_size", "max_nonfinite"):
             positive(f"--{name.replace('_', '-')}", getattr(self, name), int)
         positive("--lr", self.lr, (int, float))
+        self.weight_decay = number("--weight-decay", self.weight_decay, low=0.0)
+        if self.q_group_size not in GROUP_SIZES:
+            raise choice_error("--q-group-size", self.q_group_size, GROUP_SIZES)
         for name in ("epochs", "iters", "early_stop", "keep_checkpoints"):
             if getattr(self, name) is not None:
                 positive(f"--{name.replace('_', '-')}", getattr(self, name), int)
@@ -68,8 +71,8 @@ class TrainConfig:
             raise ConfigError(f"--warmup must be an integer >= 0, got {self.warmup!r}")
         if self.schedule not in SCHEDULES:
             raise choice_error("--schedule", self.schedule, SCHEDULES)
-        if self.clip_grad is not None and not (isinstance(self.clip_grad, (int, float)) and self.clip_grad > 0):
-            raise ConfigError(f"--clip-grad must be > 0, got {self.clip_grad!r}")
+        if self.clip_grad is not None:
+            number("--clip-grad", self.clip_grad, low=0.0, low_open=True)
         if self.dtype is not None:
             check_dtype(self.dtype)
 

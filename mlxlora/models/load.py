@@ -16,10 +16,10 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from ..cache import cache_dir
-from ..config import DTYPE_NAMES, check_dtype
-from ..errors import ModelError
+from ..config import DTYPE_NAMES, GROUP_SIZES, check_dtype
+from ..errors import ModelError, choice_error
 from ..lora.quant import on_cpu, use_fast_cpu_path
-from .fingerprint import fingerprint
+from .fingerprint import content_hash, fingerprint
 from .gguf import convert_gguf
 
 MX_DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}  # dtype names -> mlx dtypes
@@ -101,10 +101,16 @@ def load_base(spec: str, quantize: int | None = None, group_size: int = 64, dtyp
         if "quantization" in config:
             raise ModelError(f"--quantize {quantize}: {spec} is already quantized "
                              f"({config['quantization'].get('bits')}-bit); drop --quantize")
-        nn.quantize(model, group_size=group_size, bits=quantize,
-                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
+        if group_size not in GROUP_SIZES:
+            raise choice_error("--q-group-size", group_size, GROUP_SIZES, ModelError)
+        fits = lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0  # noqa: E731
+        if not any(fits(p, m) for p, m in model.named_modules()):
+            raise ModelError(f"--quantize {quantize} --q-group-size {group_size}: no layer of {spec} has an input "
+                             f"width divisible by {group_size}, so nothing would be quantized; pass a smaller "
+                             f"--q-group-size ({', '.join(str(g) for g in GROUP_SIZES if g < group_size) or 'none'})")
+        nn.quantize(model, group_size=group_size, bits=quantize, class_predicate=fits)
         config = dict(config, quantization={"group_size": group_size, "bits": quantize})
     use_fast_cpu_path(model)
     mx.eval(model.parameters())
     return Base(model=model, tokenizer=tokenizer, config=config, path=path, source=spec,
-                info={"fingerprint": fingerprint(model, config)})
+                info={"fingerprint": fingerprint(model, config), "content": content_hash(model)})
