@@ -102,15 +102,35 @@ for _f in dataclasses.fields(TrainConfig):
         FLAG_FIELDS[_f.name] = ("train", _f.name)
 
 
+# Keys of which one given on the command line (or in the file) replaces the other one stored by a checkpoint.
+EXCLUSIVE = (("iters", "epochs"), ("layers", "layers_to_transform"))
+
+
+def stored_flags(stored: dict[str, Any]) -> dict[str, Any]:
+    """A TrainConfig dict (as a checkpoint stores it) as flag-named values for build_train_config; keys this
+    version does not know are left out (the record may come from another version)."""
+    back = {name: flag for flag, (section, name) in FLAG_FIELDS.items() if section == "lora"}
+    out = {k: v for k, v in stored.items() if k != "lora" and k in FLAG_FIELDS}
+    for name, value in (stored.get("lora") or {}).items():
+        if name in back:
+            out[back[name]] = value
+    return out
+
+
 def build_train_config(file_values: dict[str, Any] | None, flag_values: dict[str, Any],
-                       source: str = "config file") -> TrainConfig:
+                       source: str = "config file", stored: dict[str, Any] | None = None) -> TrainConfig:
     """Merge a config file (flag-named keys) with CLI flags (flags win) into a TrainConfig.
 
-    Unknown keys raise ConfigError naming the key and the file.
+    stored: the resolved config a checkpoint saved (--resume): it fills what the file and the flags
+    leave out. Unknown keys raise ConfigError naming the key and the file.
     """
     merged: dict[str, Any] = {}
     float_keys = {"lr", "weight_decay", "clip_grad", "alpha", "dropout"}
-    for values, where in ((file_values or {}, source), (flag_values, "command line")):
+    given_keys = {k.replace("-", "_") for k, v in (*(file_values or {}).items(), *flag_values.items()) if v is not None}
+    kept = {k: v for k, v in stored_flags(stored or {}).items()
+            if not any(a == k and b in given_keys or b == k and a in given_keys for a, b in EXCLUSIVE)}
+    layered = ((kept, "the checkpoint's config"), (file_values or {}, source), (flag_values, "command line"))
+    for values, where in layered:
         for key, value in values.items():
             norm = key.replace("-", "_")
             if norm not in FLAG_FIELDS:

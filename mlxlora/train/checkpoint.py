@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import AdapterError
-from ..files import atomic_write_text, fsync_dir, real_path, swap_in, write_failure
+from ..files import atomic_write_text, fsync_dir, read_json_or_empty, real_path, swap_in, write_failure
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -184,6 +184,15 @@ def latest_checkpoint(path: Path) -> Path:
     if not ckpts:
         raise AdapterError(f"--resume: no checkpoint in {path} (expected {root}/step-*/{STATE_FILE})")
     return ckpts[-1]
+
+
+def stored_config(resume) -> dict:
+    """The resolved TrainConfig (as a dict) saved with the checkpoint `resume` names, so `mlxlora train
+    --resume DIR` alone continues the run; {} when the checkpoint holds none. Raises AdapterError."""
+    ckpt = latest_checkpoint(Path(resume))
+    record = read_json_or_empty(ckpt / "mlxlora.json")
+    cfg = record.get("train_config")
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def load_trainer_state(ckpt: Path, optimizer) -> TrainerState:

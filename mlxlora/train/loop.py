@@ -17,7 +17,8 @@ from ..adapters import load_adapter_weights, save_adapter
 from ..config import TrainConfig
 from ..data.batches import pad_id
 from ..errors import AdapterError, ConfigError, TrainingStopped
-from ..files import write_failure
+from ..adapters import RECORD_FILE
+from ..files import read_json_or_empty, write_failure
 from ..formats.record import nonfinite_tensors
 from ..inference import evaluate
 from ..lora.surgery import count_parameters, get_lora_model
@@ -29,7 +30,7 @@ from .folders import check_inputs, plan_run_folder
 from .memory import memory_warning
 from .plot import plot_losses
 from .progress import Progress
-from .record import run_record
+from .record import resume_drift, run_record
 from .signals import StopSignals
 from .step import Stepper, grad_checkpoint_blocks, make_optimizer
 
@@ -277,6 +278,10 @@ class Trainer:
                              ignore_base_mismatch=self.cfg.ignore_base_mismatch)
         st = load_trainer_state(ckpt, optimizer)
         self.progress.note(f"resuming from {ckpt} (step {st.step})")
+        drift = resume_drift(read_json_or_empty(ckpt / RECORD_FILE), self.cfg, self.files)
+        if drift:
+            self.progress.console.print(f"[yellow]warning: --resume does not continue exactly, since the checkpoint "
+                                        f"was written: {'; '.join(drift)}[/yellow]")
         return st
 
 
