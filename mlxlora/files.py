@@ -91,7 +91,7 @@ def write_failure(e: BaseException) -> str | None:
         return f"{why} ({e.filename})" if e.filename and e.errno not in (errno.ENOSPC, errno.EDQUOT) else why
     if isinstance(e, RuntimeError) and str(e).startswith(("[write]", "[save", "[load_safetensors] Failed to open",
                                                            "[save_safetensors]")):
-        return f"{str(e).splitlines()[0]} (disk full?)"
+        return f"{str(e).splitlines()[0].strip()} (disk full or a file-size limit?)"
     return None
 
 

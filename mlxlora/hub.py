@@ -14,7 +14,7 @@ from pathlib import Path
 from .cards import CARD_FILE, adapter_card, adapter_summary, base_license, card_inputs, model_card
 from .config import ExportConfig
 from .errors import HubError, MlxloraError, ModelError
-from .files import atomic_write_text, check_disjoint, check_output, read_json, safetensors_header
+from .files import atomic_write_text, check_disjoint, check_output, read_json, safetensors_header, write_failure
 from .inference import load_with_adapter
 from .lora.surgery import fuse_model
 from .models import resolve_model_path
@@ -84,7 +84,11 @@ def ensure_card(folder, kind: str | None = None, *, repo_id: str | None = None, 
         text = adapter_card(d, repo_id=repo_id, base_model=base_model, license=license)
     else:
         text = model_card(d, kind, base_model=base_model, adapter_info=adapter_info, repo_id=repo_id, license=license)
-    atomic_write_text(readme, text)
+    try:
+        atomic_write_text(readme, text)
+    except OSError as e:
+        raise HubError(f"{readme}: cannot write the model card ({write_failure(e)}); make the folder writable "
+                       "or add a README.md yourself") from None
     return True
 
 

@@ -174,4 +174,5 @@ def serve(model, adapters, quantize, quiet, **opts):
     host, port = server.server_address[:2]
     click.echo(f"serving {', '.join(engine.model_names())} at http://{host}:{port}/v1 (Ctrl-C stops)")
     sys.stdout.flush()
-    serve_forever(server)
+    serve_forever(server)  # returns on Ctrl-C / SIGTERM after answering or refusing every request
+    click.echo("stopped", err=True)
