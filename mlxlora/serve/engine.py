@@ -123,6 +123,8 @@ class Engine:
         self._pending = 0  # requests submitted and not yet finished
         self._count_lock = threading.Lock()
         self._stopping = threading.Event()
+        # counts since start: finished / cancelled (caller gone) / timed_out requests, generated tokens
+        self.stats = {"finished": 0, "cancelled": 0, "timed_out": 0, "tokens": 0}
         self._thread = threading.Thread(target=self._run, name="mlxlora-engine", daemon=True)
         self._thread.start()
 
@@ -273,6 +275,7 @@ class Engine:
                         if job is not None and self._emit(job, r.token, r.finish_reason):
                             if r.finish_reason is None:  # a stop string or a cancel: the row is still there
                                 gen.remove([r.uid])
+                            self.stats["finished" if not job.cancelled.is_set() else "cancelled"] += 1
                             self._done(jobs.pop(r.uid))
         except Exception as e:  # a backend failure: every caller gets it instead of waiting forever
             self._fail_all(batches, HTTPError(500, f"generation failed: {type(e).__name__}: {e}"))
@@ -287,6 +290,7 @@ class Engine:
                 return
             block = False
             if job.cancelled.is_set():
+                self.stats["cancelled"] += 1
                 self._done(job)
                 continue
             if job.adapter not in batches:
@@ -306,6 +310,9 @@ class Engine:
                 job.out.put(HTTPError(504, f"the request ran past --request-timeout "
                                            f"{self.settings.request_timeout:g} s; ask for fewer max_tokens"))
                 job.cancel()
+                self.stats["timed_out"] += 1
+            elif job.cancelled.is_set():
+                self.stats["cancelled"] += 1
             if job.cancelled.is_set():
                 gone.append(uid)
         if gone:
@@ -323,6 +330,7 @@ class Engine:
             job.out.put(Piece(text + job.stop.flush(), "stop", len(job.ids), job.generated))
             return True
         job.generated += 1
+        self.stats["tokens"] += 1
         job.detok.add_token(token)
         if finish is not None:
             job.detok.finalize()
