@@ -10,12 +10,10 @@ import errno
 import hashlib
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import mlx.core as mx
