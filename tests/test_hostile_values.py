@@ -221,6 +221,13 @@ def test_unknown_roles_bom_fifo_and_link_loops_get_messages_that_say_what_is_wro
     broken.mkdir()
     (broken / "train.jsonl").symlink_to(tmp_path / "gone.jsonl")
     tiny.one_line_error(insp(broken), "broken symbolic link")
+    (tmp_path / "mloop").symlink_to(tmp_path / "mloop")
+    tiny.one_line_error(tiny.run_cli("generate", "--model", tmp_path / "mloop", "--prompt", "hi"),
+                        "--model", "symbolic link loop")
+    tiny.one_line_error(tiny.run_cli("eval", "--model", model, "--adapter", tmp_path / "mloop", "--data", data),
+                        "symbolic link loop")
+    os.mkfifo(tmp_path / "cfg.yaml")
+    tiny.one_line_error(tiny.run_cli("train", "--config", tmp_path / "cfg.yaml"), "--config", "is a FIFO")
 
 
 # ------------------------------------------------------------------ 5. --resume

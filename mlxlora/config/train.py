@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, choice_error
+from ..files import path_problem
 from .choices import ALL_LINEAR, BITS, GROUP_SIZES, SCHEDULES, check_dtype, number, positive
 from .lora import LoraConfig
 
@@ -163,7 +164,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--config: {p} does not exist")
+        problem = path_problem(p) or "is a folder, not a YAML file"
+        raise ConfigError(f"--config: {p} {problem}")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:

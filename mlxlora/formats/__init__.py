@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..files import atomic_folder
+from ..files import atomic_folder, path_problem
 from . import mlx_lm, mlxlora, peft
 from .record import AdapterRecord, LayerLoRA, nonfinite_tensors
 
@@ -84,8 +84,8 @@ def write_adapter(record: AdapterRecord, out_dir, fmt: str = "mlxlora", *, force
 
 def _format_of(d: Path) -> str:
     if not d.exists():
-        raise AdapterError(f"adapter folder {d} does not exist (give the folder that holds {peft.CONFIG_FILE}, "
-                           "or a hub id user/name)")
+        raise AdapterError(f"adapter folder {d} {path_problem(d) or 'does not exist'} (give the folder that holds "
+                           f"{peft.CONFIG_FILE}, or a hub id user/name)")
     if not d.is_dir():
         raise AdapterError(f"{d} is a file; give the adapter folder that holds it")
     for name, accepts, _ in READERS:

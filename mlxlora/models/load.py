@@ -18,6 +18,7 @@ from mlx.utils import tree_map
 from ..cache import cache_dir
 from ..config import DTYPE_NAMES, GROUP_SIZES, check_dtype
 from ..errors import ModelError, choice_error
+from ..files import path_problem
 from ..lora.quant import on_cpu, use_fast_cpu_path
 from .fingerprint import content_hash, fingerprint
 from .gguf import convert_gguf
@@ -53,8 +54,9 @@ def resolve_model_path(spec: str) -> Path:
             raise ModelError(f"--model: {p} is not a folder (expected config.json + *.safetensors, or a .gguf file)")
         return p
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") != 1
-    if looks_like_path:
-        raise ModelError(f"--model: {spec} does not exist (give a model folder, a .gguf file or a hub id user/name)")
+    if p.is_symlink() or looks_like_path:
+        problem = path_problem(p) or "does not exist"
+        raise ModelError(f"--model: {spec} {problem} (give a model folder, a .gguf file or a hub id user/name)")
     try:
         from mlx_lm.utils import _download
 
