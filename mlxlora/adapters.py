@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError
-from .files import atomic_folder
+from .files import atomic_folder, check_disjoint
 from .formats import read_adapter, resolve_adapter, write_adapter
 from .formats import gguf_lora, mlxlora as mlxlora_format, peft
 from .formats.mlx_lm import WEIGHTS_FILE as MLX_LM_WEIGHTS
@@ -112,7 +112,7 @@ def fit(model: nn.Module, record: AdapterRecord) -> AdapterRecord:
         targets = dict(find_targets(model, record.config))
     except ConfigError as e:
         raise AdapterError(f"{record.path / CONFIG_FILE if record.path else 'adapter'}: {e}") from None
-    problems, filled = [], {}
+    problems, filled, ranks = [], {}, []  # ranks: (config's r, the tensors' r) of mismatches in the rank alone
     for path, module in targets.items():
         embedding = isinstance(module, (nn.Embedding, nn.QuantizedEmbedding))
         rows, cols = _dims(module, embedding)
@@ -132,9 +132,18 @@ def fit(model: nn.Module, record: AdapterRecord) -> AdapterRecord:
                 problems.append(f"missing {name} {shape}")
             elif tuple(have[kind].shape) != shape:
                 problems.append(f"{name} is {tuple(have[kind].shape)}, the model needs {shape}")
+                got = tuple(have[kind].shape)
+                if kind != "m" and len(got) == 2 and (got[0] == rows if kind == "lora_a" else got[1] == cols):
+                    ranks.append((r, got[1] if kind == "lora_a" else got[0]))
     for name, value in {**record.tensors(), **record.loose}.items():
         if name.rpartition(".")[0] not in targets:
             problems.append(f"unexpected {name} {tuple(value.shape)}")
+    if problems and len(ranks) == len(problems):
+        conf = (record.path / (RECORD_FILE if record.format == "mlxlora" else CONFIG_FILE)) if record.path else "config"
+        said, held = sorted({a for a, _ in ranks}), sorted({b for _, b in ranks})
+        raise AdapterError(f"{conf} gives rank {', '.join(map(str, said))} but {where} holds rank "
+                           f"{', '.join(map(str, held))} tensors ({len(problems)} tensor(s)); the config and the tensors "
+                           "disagree, so the scale alpha/r cannot be trusted; fix r in the config")
     if problems:
         raise AdapterError(f"{where} does not fit this base model ({len(problems)} problem(s)): " + "; ".join(problems))
     for path, m in filled.items():
@@ -266,8 +275,9 @@ def export_adapter(adapter, out, to: str, *, model: str | None = None, force: bo
     counts and tying, and for an mlx-lm adapter to peft (PEFT's target names come from the model).
     Raises AdapterError / ModelError.
     """
+    check_disjoint(out, {"DIR": adapter, "--model": model}, flag="OUT", error=AdapterError)
     if to == "mlx-lm":
-        return write_adapter(read_adapter(adapter), out, "mlx-lm", force=force)
+        return write_adapter(read_adapter(adapter), out, "mlx-lm", force=force, flag="OUT")
     if to == "gguf":
         return gguf_lora.write(read_adapter(adapter), out, _gguf_base_info(model, adapter), force=force, dtype=dtype)
     if to != "peft":
@@ -277,7 +287,8 @@ def export_adapter(adapter, out, to: str, *, model: str | None = None, force: bo
         if fmt == "mlx-lm":
             raise AdapterError(f"{path} is an mlx-lm adapter: give --model (its base model) so PEFT's target "
                                "modules can be named")
-        with atomic_folder(out, force=force) as tmp:  # PEFT's own files, as they are
+        read_adapter(path)  # checks the tensors (NaN, infinity) before copying them
+        with atomic_folder(out, force=force, flag="OUT") as tmp:  # PEFT's own files, as they are
             for name in (CONFIG_FILE, WEIGHTS_FILE):
                 shutil.copy2(path / name, tmp / name)
         return Path(out)
@@ -316,13 +327,18 @@ def check_base(record: AdapterRecord, base_info: dict | None, ignore: bool = Fal
         return
     rec = record.meta.get("run_record") or {}
     want = rec.get("base_fingerprint")
-    if not want or want == base_info.get("fingerprint"):
-        return
-    diffs = base_differences(rec, base_info)
-    raise AdapterError(f"{record.path / RECORD_FILE}: trained on a different base ({rec.get('base_model')}, "
-                       f"fingerprint {want}; this one is {base_info.get('fingerprint')}): recorded vs this base: "
-                       + "; ".join(diffs) + "; load the base it was trained on, or pass --ignore-base-mismatch "
-                       "to load it anyway")
+    if want and want != base_info.get("fingerprint"):
+        diffs = base_differences(rec, base_info)
+        raise AdapterError(f"{record.path / RECORD_FILE}: trained on a different base ({rec.get('base_model')}, "
+                           f"fingerprint {want}; this one is {base_info.get('fingerprint')}): the shape check failed, "
+                           "recorded vs this base: " + "; ".join(diffs) + "; load the base it was trained on, or pass "
+                           "--ignore-base-mismatch to load it anyway")
+    content, have = rec.get("base_content"), base_info.get("content")
+    if content and have and content != have:  # records older than the content check have none
+        raise AdapterError(f"{record.path / RECORD_FILE}: trained on a different base ({rec.get('base_model')}): "
+                           f"the shapes match but the weight check failed (sampled weight values hash {content}, "
+                           f"this base's {have}: another checkpoint of the same architecture); load the base it "
+                           "was trained on, or pass --ignore-base-mismatch to load it anyway")
 
 
 __all__ = ["save_adapter", "load_adapter", "load_adapter_weights", "read_adapter_config", "record_of", "attach",

@@ -7,6 +7,7 @@ defaults and a --config file can fill what the command line leaves out.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import click
@@ -14,14 +15,36 @@ import click
 from .errors import MlxloraError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so that staging folders are removed on the way out."""
+
+
+def _sigterm(signum, frame):
+    raise Terminated()
+
+
 class _Group(click.Group):
-    """Turns every MlxloraError into a one-line `Error: ...` and exit code 1 (no traceback)."""
+    """Turns every MlxloraError into a one-line `Error: ...` and exit code 1 (no traceback); Ctrl-C and
+    SIGTERM into one line too (exit 130 / 143), after the writes under way removed their staging folders."""
 
     def invoke(self, ctx):
+        try:
+            old = signal.signal(signal.SIGTERM, _sigterm)
+        except ValueError:  # not the main thread (an embedding application): leave signals alone
+            old = None
         try:
             return super().invoke(ctx)
         except MlxloraError as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt as e:
+            how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+            err = click.ClickException(f"stopped by {how} before the end; nothing was replaced (every output is "
+                                       "written beside its destination and swapped in only when complete)")
+            err.exit_code = 143 if isinstance(e, Terminated) else 130
+            raise err from None
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

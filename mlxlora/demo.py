@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import EvalConfig, GenerateConfig, LoraConfig, TrainConfig
-from .errors import DataError
+from .errors import AdapterError, DataError
 from .inference import eval_split, generate_text, load_with_adapter
 from .models.demo import ensure_demo_model
 from .train import train
@@ -43,6 +43,9 @@ def run_demo(out: str | None = None, iters: int | None = None, force: bool = Tru
     data_dir = demo_data_dir()
     model_dir = ensure_demo_model()
     out_dir = Path(out or "runs/demo")
+    if force and out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "mlxlora.json").is_file():
+        raise AdapterError(f"--out {out_dir} holds files that are not an earlier demo's adapter; the demo replaces "
+                           "only its own runs: choose another --out")
     prompts = _prompts(data_dir)
     ecfg = EvalConfig(split="test", batch_size=8, max_seq_length=DEMO_TRAIN["max_seq_length"])
 

@@ -8,10 +8,12 @@ Readers raise the caller's error class with the file's name and the fix, on one 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +29,120 @@ def natural_key(path: str):
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in path.split(".")]
 
 
+# ---------------------------------------------------------------- paths
+
+def path_problem(path) -> str | None:
+    """Why `path` cannot be opened, in words ("does not exist", "is a symbolic link loop", "is a FIFO,
+    not a regular file", ...), or None when it is a regular file or a folder."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link loop; point the link at a real file or folder"
+        if p.is_symlink():
+            return f"is a broken symbolic link (to {os.readlink(p)})"
+        if e.errno == errno.EACCES:
+            return "cannot be read (permission denied)"
+        if e.errno == errno.ENOTDIR:
+            return "does not exist (a part of the path is a file, not a folder)"
+        return "does not exist"
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        return None
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+            else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file")
+    return f"is {kind}, not a regular file; save its content to a regular file and give that"
+
+
+def real_path(path) -> Path:
+    """`path` with ~ expanded and every symbolic link resolved (also for a path that does not exist yet)."""
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_disjoint(out, inputs: dict, *, flag: str, error: type[MlxloraError] = MlxloraError) -> None:
+    """Refuse (`error`) an output that is, holds or lies inside one of `inputs` ({flag: path or None}).
+
+    Writing there (with --force above all) would replace or mix into the user's input. Paths are
+    compared with symbolic links resolved; inputs that are no local path (hub ids) are skipped.
+    """
+    o = real_path(out)
+    for in_flag, given in inputs.items():
+        if given is None or not Path(given).expanduser().exists():
+            continue
+        i = real_path(given)
+        if o == i:
+            how = f"is the {in_flag} input itself"
+        elif o in i.parents:
+            how = f"holds the {in_flag} input {given}"
+        elif i in o.parents:
+            how = f"is inside the {in_flag} input {given}"
+        else:
+            continue
+        raise error(f"{flag} {out} {how}; writing there would replace your input; "
+                    f"choose an output outside it")
+
+
 # ---------------------------------------------------------------- writing
+
+def write_failure(e: BaseException) -> str | None:
+    """The reason in words when `e` is a failed write (an OSError, or mlx's RuntimeError from a save), else None."""
+    if isinstance(e, OSError):
+        why = e.strerror or str(e) or type(e).__name__
+        return f"{why} ({e.filename})" if e.filename and e.errno not in (errno.ENOSPC, errno.EDQUOT) else why
+    if isinstance(e, RuntimeError) and str(e).startswith(("[write]", "[save", "[load_safetensors] Failed to open",
+                                                           "[save_safetensors]")):
+        return f"{str(e).splitlines()[0].strip()} (disk full or a file-size limit?)"
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def staging_name(name: str, kind: str = "tmp") -> str:
+    """The hidden name a write to `name` stages under: `.{name}.{kind}-{pid}-{tag}` (the pid lets a later
+    run tell a killed writer's leftovers from a live one's)."""
+    return f".{name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def sweep_stale(out, keep=()) -> list[str]:
+    """Delete what killed writers of `out` left beside it (hidden `.{name}.tmp-*` / `.old-*` entries whose
+    process is gone, and older ones without a pid); returns the names removed. Live writers' are kept."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    removed = []
+    for kind in ("tmp", "old"):
+        for p in out.parent.glob(f".{glob_escape(out.name)}.{kind}-*"):
+            if p.name in keep:
+                continue
+            head = p.name[len(f".{out.name}.{kind}-"):].split("-")
+            pid = int(head[0]) if len(head) >= 2 and head[0].isdigit() else None
+            if pid is not None and (pid == os.getpid() or _alive(pid)):
+                continue
+            remove_path(p)
+            removed.append(p.name)
+    return sorted(removed)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
+def remove_path(p: Path) -> None:
+    """Remove a file, a symbolic link or a folder tree; a missing one is fine."""
+    p = Path(p)
+    if p.is_symlink() or (p.exists() and not p.is_dir()):
+        p.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(p, ignore_errors=True)
+
 
 def fsync_dir(path: Path) -> None:
     """Flush a folder's entries (renames) to disk; a no-op where folders cannot be opened."""
@@ -65,55 +180,104 @@ def check_output(out, *, force: bool, flag: str | None = None, error=AdapterErro
     return out
 
 
+def make_parent(out: Path, *, flag: str | None, error) -> None:
+    """Create `out`'s parent folders; a parent that is a file or cannot be made raises `error` on one line."""
+    where = f"{flag} {out}" if flag else str(out)
+    for p in [out.parent, *out.parent.parents]:
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise error(f"{where}: cannot create it, {p} is a file, not a folder; choose another path")
+            break
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise error(f"{where}: cannot create its folder ({write_failure(e)}); choose another path") from None
+
+
+@contextmanager
+def staged_writes(out: Path, *, flag: str | None, error, kept: str):
+    """Turn a failed write inside the block into one line of `error` naming `out`, the reason and what is kept."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        why = write_failure(e)
+        if why is None:
+            raise
+        where = f"{flag} {out}" if flag else str(out)
+        err = error(f"{where}: could not write ({why}); {kept}; free disk space or choose another "
+                    f"{flag or 'output path'}")
+        err.write_failure = why  # callers that add their own context (a checkpoint) read the bare reason
+        raise err from None
+
+
 @contextmanager
 def atomic_folder(out_dir, *, force: bool = False, error=AdapterError, flag: str | None = None):
-    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` by rename.
+    """Yield a staging folder beside `out_dir`; when the block succeeds it replaces `out_dir` by rename.
 
-    Raises `error` (naming the folder and --force) if `out_dir` holds files and not `force`.
-    On any failure the temporary folder is removed and `out_dir` is left as it was.
+    Raises `error` (naming the folder and --force) if `out_dir` holds files and not `force`. A symbolic
+    link `out_dir` is followed (its target is replaced). On any failure the staging folder is removed
+    and `out_dir` is left as it was; a failed write (disk full, read-only, permission) is one line of
+    `error`. Stale staging folders of killed earlier writers of `out_dir` are swept first.
     """
-    out = check_output(out_dir, force=force, flag=flag, error=error)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    tmp.mkdir()
+    shown = Path(out_dir)
+    out = check_output(real_path(out_dir) if shown.is_symlink() else shown, force=force, flag=flag, error=error)
+    make_parent(out, flag=flag, error=error)
+    sweep_stale(out)
+    existed = out.exists()
+    kept = f"{shown} is unchanged" if existed else "nothing was written"
+    tmp = out.parent / staging_name(out.name)
+    with staged_writes(shown, flag=flag, error=error, kept=kept):
+        tmp.mkdir()
     try:
-        yield tmp
-        for f in tmp.rglob("*"):  # contents on disk before the rename makes them visible
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = out.parent / f".{out.name}.old-{tag}"
-        if out.exists():
-            out.rename(old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            if old.exists():
-                old.rename(out)
-            raise
-        fsync_dir(out.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        with staged_writes(shown, flag=flag, error=error, kept=kept):
+            yield tmp
+            for f in tmp.rglob("*"):  # contents on disk before the rename makes them visible
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            swap_in(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
+
+
+def swap_in(new: Path, out: Path) -> None:
+    """Put folder `new` at `out` by rename: an old `out` is moved aside first and removed only after."""
+    old = out.parent / staging_name(out.name, "old")
+    if out.exists() or out.is_symlink():
+        out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        if old.exists():
+            old.rename(out)
+        raise
+    fsync_dir(out.parent)
+    remove_path(old)
 
 
 @contextmanager
 def atomic_file(out_file, *, force: bool = False, error=AdapterError, flag: str | None = None):
     """Yield a temporary path beside `out_file` to write; on success it replaces `out_file` by rename.
 
-    Raises `error` if `out_file` exists and not `force`. On failure the temporary file is removed.
+    Raises `error` if `out_file` exists and not `force`. On failure the temporary file is removed and
+    a failed write is one line of `error`.
     """
-    out = Path(out_file)
+    shown = Path(out_file)
+    out = real_path(shown) if shown.is_symlink() else shown
+    if out.exists() and out.is_dir():
+        raise error(f"{flag + ': ' if flag else ''}{shown} is a folder; give a file name")
     if out.exists() and not force:
-        raise exists_error(out, flag=flag, what="file name", cls=error)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        raise exists_error(shown, flag=flag, what="file name", cls=error)
+    make_parent(out, flag=flag, error=error)
+    sweep_stale(out)
+    tmp = out.parent / staging_name(out.name)
+    kept = f"{shown} is unchanged" if out.exists() else "nothing was written"
     try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
+        with staged_writes(shown, flag=flag, error=error, kept=kept):
+            yield tmp
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -123,10 +287,13 @@ def atomic_file(out_file, *, force: bool = False, error=AdapterError, flag: str 
 def read_json(path: Path, error: type[MlxloraError] = AdapterError) -> dict[str, Any]:
     """A JSON object from `path`; unreadable, invalid or non-object JSON raises `error` naming the file."""
     path = Path(path)
+    problem = path_problem(path)
+    if problem:
+        raise error(f"{path} {problem}")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{path}: not readable JSON ({e})") from None
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is no error
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise error(f"{path}: not readable JSON ({e or type(e).__name__})") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -135,8 +302,8 @@ def read_json(path: Path, error: type[MlxloraError] = AdapterError) -> dict[str,
 def read_json_or_empty(path: Path) -> dict[str, Any]:
     """The JSON object in `path`, or {} when it is missing or not a JSON object (for optional records)."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 

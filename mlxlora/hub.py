@@ -13,8 +13,8 @@ from pathlib import Path
 
 from .cards import CARD_FILE, adapter_card, adapter_summary, base_license, card_inputs, model_card
 from .config import ExportConfig
-from .errors import HubError, MlxloraError, ModelError, exists_error
-from .files import atomic_write_text, read_json, safetensors_header
+from .errors import HubError, MlxloraError, ModelError
+from .files import atomic_write_text, check_disjoint, check_output, read_json, safetensors_header, write_failure
 from .inference import load_with_adapter
 from .lora.surgery import fuse_model
 from .models import resolve_model_path
@@ -84,7 +84,11 @@ def ensure_card(folder, kind: str | None = None, *, repo_id: str | None = None, 
         text = adapter_card(d, repo_id=repo_id, base_model=base_model, license=license)
     else:
         text = model_card(d, kind, base_model=base_model, adapter_info=adapter_info, repo_id=repo_id, license=license)
-    atomic_write_text(readme, text)
+    try:
+        atomic_write_text(readme, text)
+    except OSError as e:
+        raise HubError(f"{readme}: cannot write the model card ({write_failure(e)}); make the folder writable "
+                       "or add a README.md yourself") from None
     return True
 
 
@@ -230,8 +234,8 @@ def export_model(model: str, out, *, adapter=None, config: ExportConfig | None =
     """
     cfg = config or ExportConfig()
     out = Path(out)
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise exists_error(out, flag="--out", cls=ModelError)
+    check_disjoint(out, {"--model": model, "--adapter": adapter}, flag="--out", error=ModelError)
+    check_output(out, force=force, flag="--out", error=ModelError)
     src = resolve_model_path(model)
     try:
         model_type = json.loads((src / "config.json").read_text()).get("model_type")
@@ -242,10 +246,10 @@ def export_model(model: str, out, *, adapter=None, config: ExportConfig | None =
     base = load_with_adapter(model, adapter)
     if adapter:
         fuse_model(base.model, dequantize=True)
-    export_hf(base.model, base.config, base.path, out, cfg.dtype, force=force, max_shard_size=cfg.max_shard_size)
-    (out / CARD_FILE).write_text(model_card(out, "hf", base_model=base_model or model,
-                                            adapter_info=adapter_summary(adapter) if adapter else None,
-                                            license=base_license(base.path)))
+    card = model_card(out, "hf", base_model=base_model or model,
+                      adapter_info=adapter_summary(adapter) if adapter else None, license=base_license(base.path))
+    export_hf(base.model, base.config, base.path, out, cfg.dtype, force=force, max_shard_size=cfg.max_shard_size,
+              extra_files={CARD_FILE: card}, flag="--out")  # the card goes in with the weights, atomically
     return out
 
 

@@ -10,6 +10,8 @@ import mlx.core as mx
 
 from . import data as D
 from .adapters import load_adapter
+from .formats import resolve_adapter
+from .formats.mlxlora import read_record
 from .config import EvalConfig, GenerateConfig
 from .data.batches import pad_id
 from .loss import loss_sums, to_batch
@@ -24,19 +26,29 @@ def load_with_adapter(model: str, adapter: str | None = None, ignore_base_mismat
     """
     base = load_base(model, **kw)
     if adapter:
-        info = describe_base(base.model, base.config, base.info.get("fingerprint"))  # before wrapping
+        info = describe_base(base.model, base.config, base.info.get("fingerprint"), base.info.get("content"))
         load_adapter(base.model, adapter, base_info=info, ignore_base_mismatch=ignore_base_mismatch)
+        base.info["chat_template"] = read_record(resolve_adapter(adapter)[0]).get("chat_template")
     base.model.eval()
     return base
 
 
-def render_prompt(tokenizer, prompt: str, chat: bool | None) -> str | list[int]:
-    """Apply the chat template when asked (or when available and chat is None)."""
+def render_prompt(tokenizer, prompt: str, chat: bool | None, recorded: dict | None = None) -> str | list[int]:
+    """Apply the chat template when asked (or when available and chat is None).
+
+    recorded: the adapter's `chat_template` record (how its training rows were rendered). A tokenizer
+    without a template then gets the template the adapter was trained with (mlxlora's fallback, say),
+    also when chat is None: the adapter learned that format, a raw prompt would be out of distribution.
+    """
     has_template = getattr(tokenizer, "chat_template", None) is not None
-    if chat or (chat is None and has_template):
-        if not has_template:
-            return D.fallback_prompt(prompt)
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    learned = (recorded or {}).get("template") if not has_template else None
+    if chat or (chat is None and (has_template or learned)):
+        messages = [{"role": "user", "content": prompt}]
+        if has_template:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if learned and learned != D.FALLBACK_CHAT_TEMPLATE:
+            return D.render_template(learned, messages, eos_token=getattr(tokenizer, "eos_token", None) or "")
+        return D.fallback_prompt(prompt)
     return prompt
 
 
@@ -47,7 +59,7 @@ def stream_text(base: Base, prompt: str, cfg: GenerateConfig) -> Iterator[str]:
 
     mx.random.seed(cfg.seed)
     sampler = make_sampler(temp=cfg.temp, top_p=cfg.top_p)
-    rendered = render_prompt(base.tokenizer, prompt, cfg.chat)
+    rendered = render_prompt(base.tokenizer, prompt, cfg.chat, base.info.get("chat_template"))
     for resp in stream_generate(base.model, base.tokenizer, rendered, max_tokens=cfg.max_tokens, sampler=sampler):
         yield resp.text
 

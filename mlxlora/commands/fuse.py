@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..config import FUSE_STRATEGIES, FuseConfig
-from .options import GROUP_SIZE, QUANTIZE, default
+from .options import GROUP_SIZE, IGNORE_BASE, QUANTIZE, default
 
 
 @click.command()
@@ -27,10 +27,11 @@ from .options import GROUP_SIZE, QUANTIZE, default
               "[default: the adapter's training data, else random tokens]")
 @click.option("--report", "show_report", is_flag=True, help="Print the per-layer report too.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@IGNORE_BASE
 @click.option("--upload", "upload_repo", help="Then upload the fused folder to this Hub repo (user/name).")
 @click.option("--private", is_flag=True, help="With --upload: create the repo private.")
 def fuse(model, adapter, out, bits, group_size, strategy, size_budget, fmt, data, calibration, show_report, force,
-         upload_repo, private):
+         ignore_base_mismatch, upload_repo, private):
     """Fuse an adapter into its base model; writes fuse_report.json beside the weights.
 
     Example: mlxlora fuse --model ./smollm2-q4 --adapter runs/devil --out fused/devil
@@ -39,7 +40,8 @@ def fuse(model, adapter, out, bits, group_size, strategy, size_budget, fmt, data
 
     folder, report = fuse_to_folder(
         model, adapter, out, fmt=fmt, force=force, calibration=calibration, data=data,
-        bits=bits, group_size=int(group_size) if group_size else None, strategy=strategy, size_budget=size_budget)
+        bits=bits, group_size=int(group_size) if group_size else None, strategy=strategy, size_budget=size_budget,
+        ignore_base_mismatch=ignore_base_mismatch or None)
     if show_report:
         click.echo(format_report(report))
     click.echo(summary_line(report, folder))

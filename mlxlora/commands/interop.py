@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import DTYPE, QUANTIZE
+from .options import DTYPE, GROUP_SIZE, QUANTIZE
 
 TARGETS = ("mlx-lm", "peft", "gguf")
 
@@ -31,7 +31,7 @@ def export_adapter(adapter, out, target, model, force):
 @click.option("--model", required=True, help="A transformers folder, hub id, or .gguf file.")
 @click.option("--out", required=True, help="The MLX model folder to write.")
 @click.option("-q", "--quantize", type=QUANTIZE, help="Quantize to this many bits.")
-@click.option("--q-group-size", type=int, help="Group size for -q. [default: mlx-lm's, 64]")
+@click.option("--q-group-size", type=GROUP_SIZE, help="Group size for -q. [default: mlx-lm's, 64]")
 @click.option("--dtype", type=DTYPE,
               help="Dtype of float weights. [default: the checkpoint's]")
 @click.option("--force", is_flag=True, default=None, help="Replace an existing --out folder.")
@@ -42,6 +42,7 @@ def convert(model, out, quantize, q_group_size, dtype, force):
     """
     from ..models.convert import convert_model
 
-    path = convert_model(model, out, quantize=int(quantize) if quantize else None, q_group_size=q_group_size,
+    path = convert_model(model, out, quantize=int(quantize) if quantize else None,
+                         q_group_size=int(q_group_size) if q_group_size else None,
                          dtype=dtype, force=bool(force))
     click.echo(f"wrote {path}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..config import TrainConfig
-from .options import DTYPE, QUANTIZE, default
+from .options import DTYPE, GROUP_SIZE, QUANTIZE, default
 
 
 @click.command()
@@ -14,7 +14,7 @@ from .options import DTYPE, QUANTIZE, default
 @click.option("--model", help="Model folder, config.json, .gguf file, or hub id (only headers are read).")
 @click.option("--quantize", type=QUANTIZE,
               help="Quantize the base at load time (QLoRA).")
-@click.option("--q-group-size", type=int, help=f"Group size for --quantize. {default(TrainConfig, 'q_group_size')}")
+@click.option("--q-group-size", type=GROUP_SIZE, help=f"Group size for --quantize. {default(TrainConfig, 'q_group_size')}")
 @click.option("--rank", type=int, help=f"LoRA rank r. {default(TrainConfig, 'rank')}")
 @click.option("--target", help=f"Comma-separated module names, a regex, or all-linear. {default(TrainConfig, 'target')}")
 @click.option("--layers", type=int, help="Adapt only the last N blocks.")
@@ -38,13 +38,15 @@ def plan(config_file, backend, memory_gb, fit, as_json, **flags):
     from dataclasses import asdict
 
     from ..config import build_train_config, load_config_file
+    from ..config.choices import number
     from ..errors import ConfigError
     from ..plan import default_backend, format_plan, plan_training, suggest_fit
 
-    if flags.get("quantize") is not None:
-        flags["quantize"] = int(flags["quantize"])
-    if memory_gb is not None and memory_gb <= 0:
-        raise ConfigError(f"--memory-gb must be > 0, got {memory_gb}")
+    for key in ("quantize", "q_group_size"):
+        if flags.get(key) is not None:
+            flags[key] = int(flags[key])
+    if memory_gb is not None:
+        number("--memory-gb", memory_gb, low=0.0, low_open=True)
     file_values = load_config_file(config_file) if config_file else None
     cfg = build_train_config(file_values, flags, source=config_file or "config file")
     if cfg.model is None:

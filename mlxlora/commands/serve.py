@@ -25,8 +25,9 @@ def base_name_of(spec: str) -> str:
     return spec
 
 
-def load_engine(model: str, adapters: dict[str, str], quantize: str | None = None):
-    """Load the base once, attach the adapters, and return a server.Engine over them."""
+def load_engine(model: str, adapters: dict[str, str], quantize: str | None = None,
+                settings: ServeConfig | None = None):
+    """Load the base once, attach the adapters, and return a serve.engine.Engine over them (close() it)."""
     from ..models import load_base
     from ..serve.engine import Engine
     from ..serve.multi import MultiAdapterModel
@@ -36,7 +37,16 @@ def load_engine(model: str, adapters: dict[str, str], quantize: str | None = Non
     multi = MultiAdapterModel(base.model)
     for name, path in adapters.items():
         multi.load_adapter(path, name)
-    return Engine(multi, base.tokenizer, base_name_of(model))
+    return Engine(multi, base.tokenizer, base_name_of(model), settings, context_length(base))
+
+
+def context_length(base) -> int | None:
+    """The model's context length (config.json's max_position_embeddings, else the tokenizer's limit)."""
+    for value in (base.config.get("max_position_embeddings"), base.config.get("max_sequence_length"),
+                  getattr(getattr(base.tokenizer, "_tokenizer", None), "model_max_length", None)):
+        if isinstance(value, int) and 0 < value < 10**8:
+            return value
+    return None
 
 
 class ChatSession:
@@ -125,15 +135,18 @@ def chat(model, adapters, quantize, start_adapter, system, **opts):
     first = next(iter(specs), None) if start_adapter is None else start_adapter
     session = ChatSession(engine, cfg, None if first and first.lower() in ("none", "base") else first, system)
     click.echo(f"{engine.base_name} with adapters: {', '.join(specs) or 'none'}\n{CHAT_HELP}")
-    while not session.done:
-        click.echo(session.prompt, nl=False)
-        line = sys.stdin.readline()
-        if not line:  # end of input
-            click.echo()
-            break
-        for text in session.handle(line):
-            click.echo(text, nl=False)
-            sys.stdout.flush()
+    try:
+        while not session.done:
+            click.echo(session.prompt, nl=False)
+            line = sys.stdin.readline()
+            if not line:  # end of input
+                click.echo()
+                break
+            for text in session.handle(line):
+                click.echo(text, nl=False)
+                sys.stdout.flush()
+    finally:
+        engine.close()
 
 
 @click.command()
@@ -141,6 +154,11 @@ def chat(model, adapters, quantize, start_adapter, system, **opts):
 @click.option("--host", help=f"Address to listen on. {default(ServeConfig, 'host')}")
 @click.option("--port", type=int, help=f"Port; 0 picks a free one. {default(ServeConfig, 'port')}")
 @click.option("--max-request-bytes", type=int, help=f"Larger request bodies get 413. {default(ServeConfig, 'max_request_bytes')}")
+@click.option("--max-tokens-limit", type=int,
+              help=f"Most tokens one request may generate (larger max_tokens are capped). {default(ServeConfig, 'max_tokens_limit')}")
+@click.option("--max-batch", type=int, help=f"Requests of one adapter decoded together. {default(ServeConfig, 'max_batch')}")
+@click.option("--max-pending", type=int, help=f"Requests running or queued; more get 503. {default(ServeConfig, 'max_pending')}")
+@click.option("--request-timeout", type=float, help=f"Seconds per request (then 504). {default(ServeConfig, 'request_timeout')}")
 @click.option("--quiet", is_flag=True, help="Do not log requests.")
 def serve(model, adapters, quantize, quiet, **opts):
     """Serve the base and its adapters over an OpenAI-compatible HTTP API; `model` picks the adapter.
@@ -151,9 +169,10 @@ def serve(model, adapters, quantize, quiet, **opts):
     from ..serve.server import make_server, serve_forever
 
     settings = ServeConfig(**given(**opts))
-    engine = load_engine(model, parse_adapter_specs(adapters), quantize)
+    engine = load_engine(model, parse_adapter_specs(adapters), quantize, settings)
     server = make_server(engine, settings, log=None if quiet else (lambda m: click.echo(m, err=True)))
     host, port = server.server_address[:2]
     click.echo(f"serving {', '.join(engine.model_names())} at http://{host}:{port}/v1 (Ctrl-C stops)")
     sys.stdout.flush()
-    serve_forever(server)
+    serve_forever(server)  # returns on Ctrl-C / SIGTERM after answering or refusing every request
+    click.echo("stopped", err=True)

@@ -72,5 +72,10 @@ def train(config_file, resume, **flags):
     if flags.get("quantize") is not None:
         flags["quantize"] = int(flags["quantize"])
     file_values = load_config_file(config_file) if config_file else None
-    cfg = build_train_config(file_values, flags, source=config_file or "config file")
+    stored = None
+    if resume is not None:  # the checkpoint's own config fills what is not given: --resume DIR alone works
+        from ..train.checkpoint import stored_config
+
+        stored = stored_config(resume)
+    cfg = build_train_config(file_values, flags, source=config_file or "config file", stored=stored)
     run_train(cfg, resume=resume)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -43,7 +44,7 @@ def parse_size(size: int | str, flag: str = "--max-shard-size") -> int:
         unit = next((u for u in sorted(SIZE_UNITS, key=len, reverse=True) if text.endswith(u)), None)
         try:
             value = int(float(text[:-len(unit)]) * SIZE_UNITS[unit]) if unit else int(text)
-        except ValueError:
+        except (ValueError, OverflowError):  # "nanGB", "infGB"
             value = 0
     if value <= 0:
         raise ConfigError(f"{flag}: {size!r} is not a size; write e.g. 5GB, 500MB or 4GiB")
@@ -64,8 +65,28 @@ def known_keys(cls, d: dict, what: str) -> dict:
 
 
 def positive(name: str, value, kind) -> None:
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def number(name: str, value, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False) -> float:
+    """`value` as a float when it is a finite number in the range; else ConfigError naming `name` and the range.
+
+    NaN and infinity are refused everywhere: one of them in a learning rate or temperature poisons a
+    whole run without an error.
+    """
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        rng = " and ".join(x for x in (lo, hi) if x)
+        raise ConfigError(f"{name} must be a finite number{' ' + rng if rng else ''}, got {value!r}")
+    return float(value)
 
 
 def compile_regex(name: str, pattern: str):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
-from .choices import ALL_LINEAR, compile_regex, known_keys, positive
+from .choices import ALL_LINEAR, compile_regex, known_keys, number, positive
 
 
 @dataclass
@@ -39,9 +39,7 @@ class LoraConfig:
         positive("r", self.r, int)
         positive("lora_alpha", self.lora_alpha, (int, float))
         self.lora_alpha = float(self.lora_alpha)
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        self.lora_dropout = float(self.lora_dropout)
+        self.lora_dropout = number("lora_dropout (--dropout)", self.lora_dropout, low=0.0, high=1.0, high_open=True)
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = list(self.target_modules)
         if isinstance(self.target_modules, list):

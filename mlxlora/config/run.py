@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError, choice_error
-from .choices import BITS, FUSE_STRATEGIES, GROUP_SIZES, check_dtype, parse_size, positive
+from .choices import BITS, FUSE_STRATEGIES, GROUP_SIZES, check_dtype, number, parse_size, positive
 
 
 @dataclass
@@ -20,10 +21,12 @@ class GenerateConfig:
 
     def __post_init__(self):
         positive("--max-tokens", self.max_tokens, int)
-        if not isinstance(self.temp, (int, float)) or self.temp < 0:
+        if isinstance(self.temp, (int, float)) and not isinstance(self.temp, bool) and self.temp < 0:
             raise ConfigError(f"--temp must be >= 0, got {self.temp!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        number("--temp", self.temp, low=0.0)
+        if isinstance(self.top_p, (int, float)) and not isinstance(self.top_p, bool) and not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p!r}")
+        number("--top-p", self.top_p, low=0.0, low_open=True, high=1.0)
 
 
 @dataclass
@@ -44,11 +47,26 @@ class EvalConfig:
 
 @dataclass
 class ServeConfig:
-    """Defaults of `mlxlora serve`: where to listen and the largest request body accepted (bytes)."""
+    """Defaults of `mlxlora serve`: where to listen, what one request may ask for, and how much runs at once.
+
+    max_request_bytes: the largest request body accepted. max_tokens_limit: the most tokens one request
+    may generate (a larger max_tokens is capped; so is any that would pass the context length).
+    max_batch: requests of one adapter decoded together in one batch. max_pending: requests running or
+    waiting; more get 503. request_timeout: seconds from arrival to the last token (then 504).
+    workers: HTTP threads (fixed: no thread per request); backlog: connections the socket holds while
+    every worker is busy. read_timeout: seconds a client may take to send its request.
+    """
 
     host: str = "127.0.0.1"
     port: int = 8080
     max_request_bytes: int = 1_000_000
+    max_tokens_limit: int = 4096
+    max_batch: int = 16
+    max_pending: int = 64
+    request_timeout: float = 600.0
+    workers: int = 64
+    backlog: int = 128
+    read_timeout: float = 30.0
 
     def __post_init__(self):
         if not isinstance(self.host, str) or not self.host:
@@ -58,6 +76,10 @@ class ServeConfig:
         if isinstance(self.max_request_bytes, bool) or not isinstance(self.max_request_bytes, int) \
                 or self.max_request_bytes < 1:
             raise ConfigError(f"--max-request-bytes must be a positive integer, got {self.max_request_bytes!r}")
+        for name in ("max_tokens_limit", "max_batch", "max_pending", "workers", "backlog"):
+            positive(f"--{name.replace('_', '-')}", getattr(self, name), int)
+        for name in ("request_timeout", "read_timeout"):
+            number(f"--{name.replace('_', '-')}", getattr(self, name), low=0.0, low_open=True)
 
 
 @dataclass
@@ -82,6 +104,7 @@ class FuseConfig:
     calibration_samples: training rows whose activations weight the rounding (GPTQ's H); without
     training data, random_rows rows of random_row_length random tokens stand in.
     size_budget: "auto" may spend up to this ratio of the naive fuse's size on 8-bit layers.
+    ignore_base_mismatch: fuse an adapter whose recorded base (fingerprint, weight check) differs.
     """
 
     bits: int | None = None
@@ -93,6 +116,7 @@ class FuseConfig:
     max_seq_length: int = 512
     size_budget: float = 1.10
     damp: float = 0.01
+    ignore_base_mismatch: bool = False  # fuse an mlxlora adapter whose recorded base differs
 
     def __post_init__(self):
         if isinstance(self.bits, str):
@@ -104,6 +128,8 @@ class FuseConfig:
             raise choice_error("--group-size", self.group_size, GROUP_SIZES)
         if self.strategy not in ("auto", *FUSE_STRATEGIES):
             raise choice_error("--strategy", self.strategy, ("auto", *FUSE_STRATEGIES))
-        if not self.size_budget >= 1.0:
-            raise ConfigError(f"--size-budget must be >= 1.0 (a multiple of the naive fuse's size), "
+        if not (isinstance(self.size_budget, (int, float)) and math.isfinite(self.size_budget)
+                and self.size_budget >= 1.0):
+            raise ConfigError(f"--size-budget must be a finite number >= 1.0 (a multiple of the naive fuse's size), "
                               f"got {self.size_budget!r}")
+        number("damp", self.damp, low=0.0, low_open=True)

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, choice_error
-from .choices import ALL_LINEAR, BITS, SCHEDULES, check_dtype, positive
+from ..files import path_problem
+from .choices import ALL_LINEAR, BITS, GROUP_SIZES, SCHEDULES, check_dtype, number, positive
 from .lora import LoraConfig
 
 
@@ -59,6 +60,9 @@ class TrainConfig:
                      "save_every", "report_every", "q_group_size", "max_nonfinite"):
             positive(f"--{name.replace('_', '-')}", getattr(self, name), int)
         positive("--lr", self.lr, (int, float))
+        self.weight_decay = number("--weight-decay", self.weight_decay, low=0.0)
+        if self.q_group_size not in GROUP_SIZES:
+            raise choice_error("--q-group-size", self.q_group_size, GROUP_SIZES)
         for name in ("epochs", "iters", "early_stop", "keep_checkpoints"):
             if getattr(self, name) is not None:
                 positive(f"--{name.replace('_', '-')}", getattr(self, name), int)
@@ -68,8 +72,8 @@ class TrainConfig:
             raise ConfigError(f"--warmup must be an integer >= 0, got {self.warmup!r}")
         if self.schedule not in SCHEDULES:
             raise choice_error("--schedule", self.schedule, SCHEDULES)
-        if self.clip_grad is not None and not (isinstance(self.clip_grad, (int, float)) and self.clip_grad > 0):
-            raise ConfigError(f"--clip-grad must be > 0, got {self.clip_grad!r}")
+        if self.clip_grad is not None:
+            number("--clip-grad", self.clip_grad, low=0.0, low_open=True)
         if self.dtype is not None:
             check_dtype(self.dtype)
 
@@ -99,15 +103,35 @@ for _f in dataclasses.fields(TrainConfig):
         FLAG_FIELDS[_f.name] = ("train", _f.name)
 
 
+# Keys of which one given on the command line (or in the file) replaces the other one stored by a checkpoint.
+EXCLUSIVE = (("iters", "epochs"), ("layers", "layers_to_transform"))
+
+
+def stored_flags(stored: dict[str, Any]) -> dict[str, Any]:
+    """A TrainConfig dict (as a checkpoint stores it) as flag-named values for build_train_config; keys this
+    version does not know are left out (the record may come from another version)."""
+    back = {name: flag for flag, (section, name) in FLAG_FIELDS.items() if section == "lora"}
+    out = {k: v for k, v in stored.items() if k != "lora" and k in FLAG_FIELDS}
+    for name, value in (stored.get("lora") or {}).items():
+        if name in back:
+            out[back[name]] = value
+    return out
+
+
 def build_train_config(file_values: dict[str, Any] | None, flag_values: dict[str, Any],
-                       source: str = "config file") -> TrainConfig:
+                       source: str = "config file", stored: dict[str, Any] | None = None) -> TrainConfig:
     """Merge a config file (flag-named keys) with CLI flags (flags win) into a TrainConfig.
 
-    Unknown keys raise ConfigError naming the key and the file.
+    stored: the resolved config a checkpoint saved (--resume): it fills what the file and the flags
+    leave out. Unknown keys raise ConfigError naming the key and the file.
     """
     merged: dict[str, Any] = {}
     float_keys = {"lr", "weight_decay", "clip_grad", "alpha", "dropout"}
-    for values, where in ((file_values or {}, source), (flag_values, "command line")):
+    given_keys = {k.replace("-", "_") for k, v in (*(file_values or {}).items(), *flag_values.items()) if v is not None}
+    kept = {k: v for k, v in stored_flags(stored or {}).items()
+            if not any(a == k and b in given_keys or b == k and a in given_keys for a, b in EXCLUSIVE)}
+    layered = ((kept, "the checkpoint's config"), (file_values or {}, source), (flag_values, "command line"))
+    for values, where in layered:
         for key, value in values.items():
             norm = key.replace("-", "_")
             if norm not in FLAG_FIELDS:
@@ -140,7 +164,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--config: {p} does not exist")
+        problem = path_problem(p) or "is a folder, not a YAML file"
+        raise ConfigError(f"--config: {p} {problem}")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:

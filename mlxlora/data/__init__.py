@@ -2,10 +2,10 @@
 (batches.py), sequence packing (packing.py) and `data inspect` (inspect.py)."""
 
 from .batches import collate, epoch_batches
-from .chat import FALLBACK_CHAT_TEMPLATE, TokenizerInfo, fallback_prompt, render_fallback_template
+from .chat import FALLBACK_CHAT_TEMPLATE, TokenizerInfo, fallback_prompt, render_fallback_template, render_template
 from .inspect import inspect_split
 from .rows import ACCEPTED, SPLITS, Sample, Split, SplitStats, find_split_files, load_split, row_format, split_file
 
 __all__ = ["collate", "epoch_batches", "FALLBACK_CHAT_TEMPLATE", "TokenizerInfo", "fallback_prompt",
-           "render_fallback_template", "inspect_split", "ACCEPTED", "SPLITS", "Sample", "Split", "SplitStats",
+           "render_fallback_template", "render_template", "inspect_split", "ACCEPTED", "SPLITS", "Sample", "Split", "SplitStats",
            "find_split_files", "load_split", "row_format", "split_file"]

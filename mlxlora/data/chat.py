@@ -101,6 +101,21 @@ def render_fallback_template(messages: list[dict], eos_token: str = "",
                               add_generation_prompt=add_generation_prompt)
 
 
+def render_template(template: str, messages: list[dict], *, add_generation_prompt: bool = True,
+                    eos_token: str = "", bos_token: str = "") -> str:
+    """Render a recorded chat template (Jinja text) in a sandbox, as tokenizers render theirs."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            eos_token=eos_token, bos_token=bos_token)
+
+
+def _raise(message):
+    raise ValueError(message)
+
+
 def fallback_prompt(prompt: str) -> str:
     """A one-turn generation prompt in the fallback template, as training rendered user turns."""
     return render_fallback_template([{"role": "user", "content": prompt}], add_generation_prompt=True)

@@ -22,13 +22,17 @@ at the end; a sample with no target token left is dropped.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, DataError, RowError
-from .chat import TokenizerInfo, chat_targets, encode_targets
+from ..files import path_problem
+from .chat import FALLBACK_CHAT_TEMPLATE, TokenizerInfo, chat_targets, encode_targets
 
 SPLITS = ("train", "valid", "test")
+# Message roles chat templates know (OpenAI's, plus Llama 3's ipython for tool results).
+ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
 ACCEPTED = ('{"text": ...}, {"prompt": ..., "completion": ...} or '
             '{"messages": [{"role": ..., "content": ...}, ...]} (optionally with "tools": [...])')
 
@@ -57,8 +61,14 @@ class SplitStats:
 
 @dataclass
 class Split:
+    """A split's samples and counts. template: how its rows were rendered: "tokenizer" (its chat
+    template), "fallback" (FALLBACK_CHAT_TEMPLATE: the tokenizer has none) or None (plain text, or
+    prompt + completion joined as they are); template_text: that template's Jinja text."""
+
     samples: list[Sample]
     stats: SplitStats
+    template: str | None = None
+    template_text: str | None = None
 
 
 def find_split_files(data: str | Path | None, train_file: str | Path | None = None,
@@ -70,22 +80,28 @@ def find_split_files(data: str | Path | None, train_file: str | Path | None = No
     when found. Raises DataError naming every missing folder / file with its flag at once.
     """
     explicit = {"train": train_file, "valid": valid_file, "test": test_file}
-    problems, files = [], {}
+    problems, files, explained = [], {}, set()
     folder = Path(data) if data is not None else None
     if folder is not None and not folder.is_dir():
-        what = "is a file, not a folder (for one file use --train-file)" if folder.exists() else "does not exist"
+        what = ("is a file, not a folder (for one file use --train-file)" if folder.is_file()
+                else path_problem(folder) or "is not a folder")
         problems.append(f"--data: {folder} {what}")
         folder = None
     for split in SPLITS:
         given = explicit[split]
         if given is not None:
-            if Path(given).is_file():
+            problem = path_problem(given) or ("is a folder; give the .jsonl file" if Path(given).is_dir() else None)
+            if problem is None:
                 files[split] = Path(given)
             else:
-                problems.append(f"--{split}-file: {given} does not exist")
+                problems.append(f"--{split}-file: {given} {problem}")
         elif folder is not None and (folder / f"{split}.jsonl").is_file():
             files[split] = folder / f"{split}.jsonl"
-    if require_train and "train" not in files and train_file is None:
+        elif folder is not None and os.path.lexists(folder / f"{split}.jsonl"):
+            f = folder / f"{split}.jsonl"
+            problems.append(f"--data: {f} {path_problem(f) or 'is a folder, not a .jsonl file'}")
+            explained.add(split)
+    if require_train and "train" not in files and train_file is None and "train" not in explained:
         if folder is not None:
             found = sorted(p.name for p in folder.iterdir())
             problems.append(f"--data: {folder} has no train.jsonl (found: {', '.join(found) or 'nothing'}); "
@@ -105,8 +121,10 @@ def split_file(data: str | Path, split: str, flag: str = "--data") -> Path:
     p = Path(data)
     if p.is_file():
         return p
-    if p.is_dir() and (p / f"{split}.jsonl").is_file():
-        return p / f"{split}.jsonl"
+    if not p.is_dir() and os.path.lexists(p):
+        raise DataError(f"{flag}: {data} {path_problem(p) or 'is not a file or folder'}")
+    if p.is_dir() and os.path.lexists(p / f"{split}.jsonl"):
+        return p / f"{split}.jsonl"  # a FIFO or a link loop there: load_split says what it is
     what = f"has no {split}.jsonl" if p.is_dir() else "does not exist"
     raise DataError(f"{flag}: {data} {what}; give a .jsonl file or a folder with {split}.jsonl"
                     + (" (or pass --split)" if p.is_dir() and flag == "--data" else ""))
@@ -155,15 +173,32 @@ def load_split(path: str | Path, tokenizer, max_seq_length: int) -> Split:
         raise DataError(f"{path}: all {rows} rows were dropped: {why}")
     stats = SplitStats(str(path), rows, len(samples), sum(len(s.ids) for s in samples),
                        sum(sum(s.mask) for s in samples), truncated, dropped)
-    return Split(samples, stats)
+    template = None
+    if first[0] == "chat" or (first[0] == "completion" and info.has_template):
+        template = "tokenizer" if info.has_template else "fallback"
+    text = FALLBACK_CHAT_TEMPLATE if template == "fallback" else tokenizer_template(info) if template else None
+    return Split(samples, stats, template, text)
+
+
+def tokenizer_template(info: TokenizerInfo) -> str | None:
+    """The tokenizer's chat template text (the default one when it has several), or None."""
+    t = getattr(info.hf, "chat_template", None)
+    if isinstance(t, dict):
+        t = t.get("default") or next(iter(t.values()), None)
+    return t if isinstance(t, str) else None
 
 
 def _read_rows(path: Path):
     # Yields (line number, parsed JSON value) for each non-blank line.
+    problem = path_problem(path)
+    if problem:  # a FIFO would block the read forever; a link loop reads as "does not exist"
+        raise DataError(f"{path} {problem}")
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors write one): not data
+        raw = raw[3:]
     for lineno, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
@@ -247,7 +282,9 @@ def _messages(row: dict) -> list[dict]:
             raise RowError(f"messages[{i}] must be an object like {{\"role\": ..., \"content\": ...}}, "
                            f"got {_json_type(m)}")
         if not isinstance(m.get("role"), str):
-            raise RowError(f"messages[{i}] needs a string 'role' (system, user, assistant or tool)")
+            raise RowError(f"messages[{i}] needs a string 'role' ({', '.join(ROLES)})")
+        if m["role"] not in ROLES:
+            raise RowError(f"messages[{i}]: unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
         content = m.get("content")
         if not (isinstance(content, str) or (content is None and m.get("tool_calls"))):
             raise RowError(f"messages[{i}]['content'] must be a string, got "

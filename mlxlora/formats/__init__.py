@@ -17,9 +17,9 @@ import re
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..files import atomic_folder
+from ..files import atomic_folder, path_problem
 from . import mlx_lm, mlxlora, peft
-from .record import AdapterRecord, LayerLoRA
+from .record import AdapterRecord, LayerLoRA, nonfinite_tensors
 
 # (name, accepts(folder), read(folder)), in the order formats are tried.
 READERS = (("mlxlora", mlxlora.accepts, mlxlora.read), ("peft", peft.accepts, peft.read),
@@ -49,24 +49,43 @@ def resolve_adapter(spec) -> tuple[Path, str]:
 
 
 def read_adapter(spec) -> AdapterRecord:
-    """Read an adapter folder (or hub id) of any format. Raises AdapterError naming the file."""
+    """Read an adapter folder (or hub id) of any format. Raises AdapterError naming the file, also for
+    tensors holding NaN or infinity (such an adapter is never used)."""
     path, fmt = resolve_adapter(spec)
-    return dict((name, read) for name, _, read in READERS)[fmt](path)
+    record = dict((name, read) for name, _, read in READERS)[fmt](path)
+    check_finite(record, f"{record.weights or path}")
+    return record
 
 
-def write_adapter(record: AdapterRecord, out_dir, fmt: str = "mlxlora", *, force: bool = False) -> Path:
-    """Write `record` as an adapter folder of `fmt` (atomic; an existing non-empty folder only with force)."""
+def check_finite(record: AdapterRecord, where: str) -> None:
+    """Raise AdapterError when a tensor of `record` holds NaN or infinity (a diverged run)."""
+    bad = nonfinite_tensors({**record.tensors(), **record.loose})
+    if bad:
+        raise AdapterError(f"{where}: {len(bad)} tensor(s) hold NaN or infinity (e.g. {bad[0]}); the adapter is "
+                           "unusable: retrain it (lower --lr) or use an earlier checkpoint")
+
+
+def write_adapter(record: AdapterRecord, out_dir, fmt: str = "mlxlora", *, force: bool = False,
+                  flag: str | None = None) -> Path:
+    """Write `record` as an adapter folder of `fmt` (atomic; an existing non-empty folder only with force).
+
+    Raises AdapterError for tensors holding NaN or infinity: nothing is written then.
+    """
     if fmt not in WRITERS:
         raise AdapterError(f"no adapter writer for {fmt!r} (known: {', '.join(WRITERS)})")
-    with atomic_folder(out_dir, force=force) as tmp:
+    bad = nonfinite_tensors(record.tensors())
+    if bad:
+        raise AdapterError(f"{flag + ' ' if flag else ''}{out_dir}: not written: {len(bad)} adapter tensor(s) hold "
+                           f"NaN or infinity (e.g. {bad[0]}); retrain with a lower --lr")
+    with atomic_folder(out_dir, force=force, flag=flag) as tmp:
         WRITERS[fmt](record, tmp)
     return Path(out_dir)
 
 
 def _format_of(d: Path) -> str:
     if not d.exists():
-        raise AdapterError(f"adapter folder {d} does not exist (give the folder that holds {peft.CONFIG_FILE}, "
-                           "or a hub id user/name)")
+        raise AdapterError(f"adapter folder {d} {path_problem(d) or 'does not exist'} (give the folder that holds "
+                           f"{peft.CONFIG_FILE}, or a hub id user/name)")
     if not d.is_dir():
         raise AdapterError(f"{d} is a file; give the adapter folder that holds it")
     for name, accepts, _ in READERS:
@@ -96,4 +115,4 @@ def _download(repo_id: str) -> Path:
 
 
 __all__ = ["FORMATS", "READERS", "WRITERS", "HUB_FILES", "AdapterRecord", "LayerLoRA", "detect_adapter",
-           "resolve_adapter", "read_adapter", "write_adapter"]
+           "resolve_adapter", "read_adapter", "write_adapter", "check_finite"]

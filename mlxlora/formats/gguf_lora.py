@@ -162,7 +162,7 @@ def _write(out: Path, arch: str, alpha: float, tensors: dict[str, np.ndarray], b
     """GGUFWriter into a temporary sibling, renamed into place when complete."""
     from gguf import GGUFType, GGUFWriter, Keys
 
-    with atomic_file(out, force=force) as tmp:
+    with atomic_file(out, force=force, flag="OUT") as tmp:
         w = GGUFWriter(str(tmp), arch)
         w.add_type(GGUFType.ADAPTER)
         w.add_string(Keys.Adapter.TYPE, "lora")

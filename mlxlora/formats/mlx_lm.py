@@ -76,6 +76,9 @@ def import_mlx_lm(folder) -> tuple[LoraConfig, dict[str, mx.array]]:
     tensors = read_safetensors(d / WEIGHTS_FILE)
     ranks = _check_tensors(tensors, d / WEIGHTS_FILE)
     r = Counter(ranks.values()).most_common(1)[0][0]
+    if "rank" in params and params["rank"] != r and not any(k == params["rank"] for k in ranks.values()):
+        raise AdapterError(f"{where}: lora_parameters.rank is {params['rank']!r} but the tensors in {WEIGHTS_FILE} "
+                           f"are rank {r}; fix the config (mlx-lm would fail to load it)")
     scale = float(params["scale"])
     odd = {re.escape(p): k for p, k in ranks.items() if k != r}
     targets, last_n = _targets(list(ranks), params.get("keys"), cfg.get("num_layers", -1))

@@ -49,9 +49,23 @@ def read(folder: Path) -> AdapterRecord:
     rec = read_record(folder)
     config = record_config(rec, folder / RECORD_FILE)
     out = peft.read(folder, config=config, model_type=rec.get("model_type"), fmt="mlxlora")
+    _check_agree(out.source_config or {}, config, folder)
     out.base_model = rec.get("base_model") or out.base_model
     out.meta = {k: v for k, v in rec.items() if k not in OWN_KEYS}
     return out
+
+
+def _check_agree(peft_cfg: dict, config: LoraConfig, folder: Path) -> None:
+    """Refuse a folder whose adapter_config.json (what PEFT reads) and mlxlora.json disagree on the scale:
+    PEFT and mlxlora would then apply the same tensors differently."""
+    pairs = (("r", peft_cfg.get("r", 8), config.r), ("lora_alpha", peft_cfg.get("lora_alpha", 8), config.lora_alpha),
+             ("use_rslora", bool(peft_cfg.get("use_rslora", False)), config.use_rslora),
+             ("use_dora", bool(peft_cfg.get("use_dora", False)), config.use_dora))
+    diffs = [f"{k} {a!r} vs {b!r}" for k, a, b in pairs if (float(a) != float(b) if k in ("r", "lora_alpha") else a != b)]
+    if diffs:
+        raise AdapterError(f"{folder}: {peft.CONFIG_FILE} and {RECORD_FILE} disagree ({'; '.join(diffs)}); PEFT and "
+                           f"mlxlora would apply the tensors with different scales; restore the edited file or "
+                           f"re-export the adapter")
 
 
 def write(record: AdapterRecord, folder: Path) -> None:

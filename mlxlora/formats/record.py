@@ -120,4 +120,13 @@ class AdapterRecord:
         return cls(config=config, layers=layers, loose=loose, **fields)
 
 
-__all__ = ["TENSORS", "LayerLoRA", "AdapterRecord"]
+def nonfinite_tensors(tensors: dict[str, mx.array]) -> list[str]:
+    """Names of the tensors holding NaN or infinity (one host sync for all of them)."""
+    names = list(tensors)
+    if not names:
+        return []
+    ok = mx.stack([mx.all(mx.isfinite(tensors[n])) for n in names])
+    return [n for n, good in zip(names, ok.tolist()) if not good]
+
+
+__all__ = ["TENSORS", "LayerLoRA", "AdapterRecord", "nonfinite_tensors"]

@@ -11,8 +11,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..config import FuseConfig, given
-from ..errors import ConfigError, ModelError, exists_error
-from ..files import atomic_folder
+from ..errors import ConfigError, ModelError
+from ..files import atomic_folder, check_disjoint, check_output
 from ..lora.surgery import adapter_layers
 from ..models import load_base
 from ..models.hf_export import TOKENIZER_FILES, export_hf
@@ -20,7 +20,8 @@ from .core import fuse_model
 from .report import REPORT_FILE, write_report
 
 
-def save_fused(model, config: dict, tokenizer_dir, out_dir, force: bool = False, report: dict | None = None) -> Path:
+def save_fused(model, config: dict, tokenizer_dir, out_dir, force: bool = False, report: dict | None = None,
+               flag: str | None = None) -> Path:
     """Write a fused model as mlx-lm writes one: model.safetensors (+ index), config.json with its
     `quantization` (per-layer entries included), the tokenizer files of `tokenizer_dir`, and
     fuse_report.json when `report` is given. Atomic; an existing non-empty `out_dir` is replaced
@@ -31,7 +32,7 @@ def save_fused(model, config: dict, tokenizer_dir, out_dir, force: bool = False,
     if adapter_layers(model):
         raise ModelError("save_fused: the model still has adapter layers; fuse it first (fuse_model)")
     tok = Path(tokenizer_dir)
-    with atomic_folder(out_dir, force=force, error=ModelError) as tmp:
+    with atomic_folder(out_dir, force=force, error=ModelError, flag=flag) as tmp:
         save_model(tmp, model)
         save_config(dict(config), config_path=tmp / "config.json")
         for name in TOKENIZER_FILES:
@@ -51,8 +52,10 @@ def fuse_to_folder(model: str, adapter, out_dir, *, fmt: str = "mlx", force: boo
     call it and then push the folder it returns.
     """
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise exists_error(out, flag="--out", cls=ModelError)
+    check_disjoint(out, {"--model": model, "--adapter": adapter, "--data": data,
+                         "--calibration": None if calibration == "random" else calibration},
+                   flag="--out", error=ModelError)
+    check_output(out, force=force, flag="--out", error=ModelError)
     if fmt not in ("mlx", "hf"):
         raise ConfigError(f"--format must be mlx or hf, got {fmt!r}")
     opts = FuseConfig(**given(**options))
@@ -63,10 +66,10 @@ def fuse_to_folder(model: str, adapter, out_dir, *, fmt: str = "mlx", force: boo
     base = load_base(model)
     fused, config, report = fuse_model(base, adapter, calibration=calibration, data=data, options=opts)
     if fmt == "mlx":
-        save_fused(fused, config, base.path, out, force=force, report=report)
+        save_fused(fused, config, base.path, out, force=force, report=report, flag="--out")
     else:
         export_hf(fused, config, base.path, out, dtype=_dtype_name(fused), force=force,
-                  extra_files={REPORT_FILE: json.dumps(report, indent=2) + "\n"})
+                  extra_files={REPORT_FILE: json.dumps(report, indent=2) + "\n"}, flag="--out")
     return out, report
 
 

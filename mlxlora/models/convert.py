@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ModelError
-from ..files import atomic_folder
+from ..files import atomic_folder, check_disjoint
 from .gguf import convert_gguf
 from .load import resolve_model_path
 
@@ -18,18 +18,18 @@ def convert_model(model: str, out_dir, quantize: int | None = None, q_group_size
     through `mlxlora.models.gguf.convert_gguf` (group size 32, no dtype). Atomic; an existing
     non-empty `out_dir` is replaced only with `force`. Raises ModelError.
     """
+    check_disjoint(out_dir, {"--model": model}, flag="--out", error=ModelError)
     if str(model).lower().endswith(".gguf"):
         given = [flag for flag, v in (("--q-group-size", q_group_size), ("--dtype", dtype)) if v is not None]
         if given:
             raise ModelError(f"{' and '.join(given)}: not used for a .gguf model (GGUF blocks are 32 wide, "
                              "weights keep their type); drop them")
-        return Path(convert_gguf(model, out_dir, force=bool(force), quantize_bits=quantize))
+        return Path(convert_gguf(model, out_dir, force=bool(force), quantize_bits=quantize, flag="--out"))
     from mlx_lm.convert import convert
 
     src = resolve_model_path(str(model))
-    if Path(out_dir).resolve() == src.resolve():
-        raise ModelError(f"--out {out_dir} is the model folder itself; choose another folder")
-    with atomic_folder(out_dir, force=force, error=ModelError) as tmp:
+    check_disjoint(out_dir, {"--model": str(src)}, flag="--out", error=ModelError)
+    with atomic_folder(out_dir, force=force, error=ModelError, flag="--out") as tmp:
         try:
             convert(str(src), str(tmp / "model"), quantize=quantize is not None, q_bits=quantize,
                     q_group_size=q_group_size, dtype=dtype)

@@ -2,7 +2,9 @@
 
 The fingerprint hashes the architecture, parameter names/shapes/dtypes and the quantization config
 (cheap: no weight values are read). An adapter's run record keeps it with `base_shapes`, so a
-mismatch can say what differs.
+mismatch can say what differs. A second, separate check, `content_hash`, hashes a few sampled values
+of every weight: two bases with the same shapes but other weights (another fine-tune of the same
+architecture) differ there. Records written before it existed simply lack it, and load as before.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import hashlib
 import json
 import re
 
+import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 
@@ -27,6 +31,39 @@ def fingerprint(model: nn.Module, config: dict) -> str:
         if ".lora_" in name or name.endswith(".m"):
             continue
         h.update(f"{name.replace('.linear.', '.').replace('.embedding.', '.')}:{tuple(arr.shape)}".encode())
+    return h.hexdigest()[:16]
+
+
+CONTENT_SAMPLES = 16  # values read from each weight tensor for the content hash
+
+
+def _base_params(model: nn.Module):
+    for name, arr in tree_flatten(model.parameters()):
+        if ".lora_" in name or name.endswith(".m"):  # adapter tensors are not the base
+            continue
+        yield name.replace(".linear.", ".").replace(".embedding.", "."), arr
+
+
+def content_hash(model: nn.Module) -> str:
+    """A hash of CONTENT_SAMPLES evenly spaced values of every base weight (adapters left out).
+
+    Float values are rounded to bfloat16 first, so the same checkpoint loaded in float32, bfloat16 or
+    float16 hashes alike; quantized weights hash their packed integers, scales and biases. Cheap: one
+    small gather per tensor and one host sync.
+    """
+    names, picks = [], []
+    for name, arr in _base_params(model):
+        flat = arr.reshape(-1)
+        idx = mx.array(np.linspace(0, flat.size - 1, num=min(CONTENT_SAMPLES, flat.size)).round().astype(np.int32))
+        pick = flat[idx]
+        picks.append(pick.astype(mx.bfloat16).astype(mx.float32) if mx.issubdtype(pick.dtype, mx.floating)
+                     else pick.astype(mx.int64))
+        names.append(name)
+    mx.eval(picks)
+    h = hashlib.sha256()
+    for name, pick in zip(names, picks):
+        h.update(name.encode())
+        h.update(np.array(pick).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -48,11 +85,13 @@ def base_shapes(model: nn.Module) -> dict[str, list]:
     return out
 
 
-def describe_base(model: nn.Module, config: dict, known: str | None = None) -> dict:
-    """What an adapter's run record says about its base, for `check_base`: fingerprint, model_type,
-    quantization and `base_shapes`. Take it before wrapping, or pass `known`, the fingerprint load_base computed."""
-    return {"fingerprint": known or fingerprint(model, config), "model_type": config.get("model_type"),
-            "quantization": config.get("quantization"), "shapes": base_shapes(model)}
+def describe_base(model: nn.Module, config: dict, known: str | None = None, content: str | None = None) -> dict:
+    """What an adapter's run record says about its base, for `check_base`: fingerprint, content hash,
+    model_type, quantization and `base_shapes`. Take it before wrapping, or pass `known` / `content`, the
+    fingerprint and content hash load_base computed."""
+    return {"fingerprint": known or fingerprint(model, config), "content": content or content_hash(model),
+            "model_type": config.get("model_type"), "quantization": config.get("quantization"),
+            "shapes": base_shapes(model)}
 
 
 def _quant_text(q) -> str:
@@ -82,4 +121,4 @@ def base_differences(recorded: dict, base: dict) -> list[str]:
     return out or ["parameter names/shapes"]
 
 
-__all__ = ["fingerprint", "base_shapes", "describe_base", "base_differences"]
+__all__ = ["fingerprint", "content_hash", "base_shapes", "describe_base", "base_differences", "CONTENT_SAMPLES"]

@@ -82,7 +82,8 @@ def unpermute_rows(rows: int, n_head: int) -> np.ndarray:
     return np.arange(rows).reshape(n_head, rows // n_head // 2, 2).swapaxes(1, 2).reshape(rows)
 
 
-def convert_gguf(gguf_path, out_dir, force: bool = False, quantize_bits: int | None = None) -> Path:
+def convert_gguf(gguf_path, out_dir, force: bool = False, quantize_bits: int | None = None,
+                 flag: str | None = None) -> Path:
     """Write the MLX folder (config.json, model.safetensors, tokenizer files) for a GGUF file.
 
     Supports general.architecture llama and qwen2. `quantize_bits` (2-8) re-quantizes
@@ -94,7 +95,7 @@ def convert_gguf(gguf_path, out_dir, force: bool = False, quantize_bits: int | N
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if quantize_bits is not None:
         check_bits(quantize_bits, "quantize_bits")
-    check_output(out_dir, force=force, error=ModelError)
+    check_output(out_dir, force=force, error=ModelError, flag=flag)
     reader, meta = open_gguf(gguf_path, ModelError, check_data=True)
     arch = meta.get("general.architecture")
     if arch not in ARCHS:
@@ -107,7 +108,7 @@ def convert_gguf(gguf_path, out_dir, force: bool = False, quantize_bits: int | N
         config["rope_scaling"] = llama3_rope_scaling(np.array(rope_freqs, dtype=np.float64), config)
     tokenizer, tokenizer_config = build_tokenizer(meta)
 
-    with atomic_folder(out_dir, force=force, error=ModelError) as tmp:
+    with atomic_folder(out_dir, force=force, error=ModelError, flag=flag) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save(str(tmp / "tokenizer.json"))

@@ -124,7 +124,7 @@ def generation_config(config: dict) -> dict | None:
 
 def export_hf(model: nn.Module, config: dict, tokenizer_dir, out_dir, dtype: str = "float32", *,
               force: bool = False, max_shard_size: int | str | None = None,
-              extra_files: dict[str, str] | None = None) -> Path:
+              extra_files: dict[str, str] | None = None, flag: str | None = None) -> Path:
     """Write `model` (a plain mlx-lm model, `config` its config.json dict) as a transformers folder.
 
     Writes model.safetensors (HF names, `dtype`; sharded with an index above `max_shard_size`),
@@ -149,7 +149,7 @@ def export_hf(model: nn.Module, config: dict, tokenizer_dir, out_dir, dtype: str
     hf_config["torch_dtype"] = dtype  # transformers 4 reads this key,
     hf_config["dtype"] = dtype  # transformers 5 this one
     tok_dir = Path(tokenizer_dir)
-    with atomic_folder(out_dir, force=force, error=ModelError) as tmp:
+    with atomic_folder(out_dir, force=force, error=ModelError, flag=flag) as tmp:
         save_weights(weights, tmp, max_shard_size)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         for name in TOKENIZER_FILES:

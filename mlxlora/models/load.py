@@ -16,10 +16,11 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from ..cache import cache_dir
-from ..config import DTYPE_NAMES, check_dtype
-from ..errors import ModelError
+from ..config import DTYPE_NAMES, GROUP_SIZES, check_dtype
+from ..errors import ModelError, choice_error
+from ..files import path_problem
 from ..lora.quant import on_cpu, use_fast_cpu_path
-from .fingerprint import fingerprint
+from .fingerprint import content_hash, fingerprint
 from .gguf import convert_gguf
 
 MX_DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}  # dtype names -> mlx dtypes
@@ -53,8 +54,9 @@ def resolve_model_path(spec: str) -> Path:
             raise ModelError(f"--model: {p} is not a folder (expected config.json + *.safetensors, or a .gguf file)")
         return p
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") != 1
-    if looks_like_path:
-        raise ModelError(f"--model: {spec} does not exist (give a model folder, a .gguf file or a hub id user/name)")
+    if p.is_symlink() or looks_like_path:
+        problem = path_problem(p) or "does not exist"
+        raise ModelError(f"--model: {spec} {problem} (give a model folder, a .gguf file or a hub id user/name)")
     try:
         from mlx_lm.utils import _download
 
@@ -101,10 +103,16 @@ def load_base(spec: str, quantize: int | None = None, group_size: int = 64, dtyp
         if "quantization" in config:
             raise ModelError(f"--quantize {quantize}: {spec} is already quantized "
                              f"({config['quantization'].get('bits')}-bit); drop --quantize")
-        nn.quantize(model, group_size=group_size, bits=quantize,
-                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
+        if group_size not in GROUP_SIZES:
+            raise choice_error("--q-group-size", group_size, GROUP_SIZES, ModelError)
+        fits = lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0  # noqa: E731
+        if not any(fits(p, m) for p, m in model.named_modules()):
+            raise ModelError(f"--quantize {quantize} --q-group-size {group_size}: no layer of {spec} has an input "
+                             f"width divisible by {group_size}, so nothing would be quantized; pass a smaller "
+                             f"--q-group-size ({', '.join(str(g) for g in GROUP_SIZES if g < group_size) or 'none'})")
+        nn.quantize(model, group_size=group_size, bits=quantize, class_predicate=fits)
         config = dict(config, quantization={"group_size": group_size, "bits": quantize})
     use_fast_cpu_path(model)
     mx.eval(model.parameters())
     return Base(model=model, tokenizer=tokenizer, config=config, path=path, source=spec,
-                info={"fingerprint": fingerprint(model, config)})
+                info={"fingerprint": fingerprint(model, config), "content": content_hash(model)})

@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import AdapterError
-from ..files import atomic_write_text, fsync_dir
+from ..files import atomic_write_text, fsync_dir, read_json_or_empty, real_path, swap_in, write_failure
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -75,14 +75,51 @@ def save_checkpoint(ckpt_root: Path, state: TrainerState, write_adapter, optimiz
         fsync_dir(ckpt_root)
         if best:
             atomic_write_text(ckpt_root / BEST_FILE, name)
-    except (OSError, RuntimeError) as e:  # mlx reports a failed write as RuntimeError
+    except (OSError, RuntimeError, AdapterError) as e:  # mlx reports a failed write as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        why = (getattr(e, "strerror", None) or str(e)).splitlines()[0] if str(e) else type(e).__name__
+        why = getattr(e, "write_failure", None) or write_failure(e)
+        if why is None:
+            raise
         raise AdapterError(f"could not write checkpoint {final}: {why}; free disk space or pass another "
                            "--adapter-path (earlier checkpoints are intact; --resume continues from the last)") from None
     if keep:
         prune_checkpoints(ckpt_root, keep, protect={name})
     return final
+
+
+def write_final(run_dir: Path, out: Path, state: TrainerState, write_adapter, after=None) -> None:
+    """The end of a run: `write_adapter(folder)` writes the final adapter files, which are moved to the top
+    of `run_dir` (checkpoints/ stays beside them); `after(run_dir)` adds more (loss.png); a staging `run_dir`
+    then replaces `out` by rename.
+
+    A failed write (disk full, read-only) raises AdapterError naming the checkpoint that holds the
+    trained weights and the command that finishes the run; no checkpoint is touched.
+    """
+    tmp = run_dir / f".tmp-final-{os.getpid()}"
+    staged = real_path(run_dir) != real_path(out)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_adapter(tmp)
+        for f in tmp.iterdir():
+            os.replace(f, run_dir / f.name)
+        fsync_dir(run_dir)
+        if after is not None:
+            after(run_dir)
+        if staged:
+            swap_in(run_dir, real_path(out))
+    except (OSError, RuntimeError, AdapterError) as e:
+        why = getattr(e, "write_failure", None) or write_failure(e)
+        if why is None:
+            raise
+        ckpts = list_checkpoints(run_dir / "checkpoints")
+        held = (f"the weights of step {state.step} are not lost: checkpoint {ckpts[-1]} holds step "
+                f"{int(ckpts[-1].name.split('-')[1])} and resuming redoes the rest exactly" if ckpts else
+                "no checkpoint was written yet (the run was shorter than --save-every)")
+        kept = f"; {out} is unchanged" if staged else ""
+        raise AdapterError(f"could not write the final adapter to {out} ({why}){kept}; {held}; free disk space "
+                           f"and run: mlxlora train --resume {run_dir}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def best_checkpoint(ckpt_root: Path) -> Path | None:
@@ -147,6 +184,15 @@ def latest_checkpoint(path: Path) -> Path:
     if not ckpts:
         raise AdapterError(f"--resume: no checkpoint in {path} (expected {root}/step-*/{STATE_FILE})")
     return ckpts[-1]
+
+
+def stored_config(resume) -> dict:
+    """The resolved TrainConfig (as a dict) saved with the checkpoint `resume` names, so `mlxlora train
+    --resume DIR` alone continues the run; {} when the checkpoint holds none. Raises AdapterError."""
+    ckpt = latest_checkpoint(Path(resume))
+    record = read_json_or_empty(ckpt / "mlxlora.json")
+    cfg = record.get("train_config")
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def load_trainer_state(ckpt: Path, optimizer) -> TrainerState:

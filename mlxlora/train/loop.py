@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -11,22 +10,27 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .. import data as D
 from ..adapters import load_adapter_weights, save_adapter
 from ..config import TrainConfig
 from ..data.batches import pad_id
-from ..errors import AdapterError, ConfigError, TrainingStopped, exists_error
+from ..errors import AdapterError, ConfigError, TrainingStopped
+from ..adapters import RECORD_FILE
+from ..files import read_json_or_empty, write_failure
+from ..formats.record import nonfinite_tensors
 from ..inference import evaluate
 from ..lora.surgery import count_parameters, get_lora_model
 from ..models import Base, describe_base, load_base
 from .batches import BatchPlan
-from .checkpoint import (TrainerState, best_checkpoint, latest_checkpoint, latest_path, load_trainer_state,
-                         remove_stale_temps, save_checkpoint)
+from .checkpoint import (TrainerState, best_checkpoint, latest_checkpoint, latest_path, list_checkpoints,
+                         load_trainer_state, remove_stale_temps, save_checkpoint, write_final)
+from .folders import check_inputs, plan_run_folder
 from .memory import memory_warning
 from .plot import plot_losses
 from .progress import Progress
-from .record import run_record
+from .record import resume_drift, run_record
 from .signals import StopSignals
 from .step import Stepper, grad_checkpoint_blocks, make_optimizer
 
@@ -42,14 +46,6 @@ class TrainResult:
     seconds: float
 
 
-def check_output_folder(path: Path, force: bool, resume: bool) -> None:
-    """Refuse to write into a non-empty adapter folder unless --force (or --resume)."""
-    if path.exists() and not path.is_dir():
-        raise AdapterError(f"--adapter-path: {path} is a file; choose a folder name")
-    if path.is_dir() and any(path.iterdir()) and not (force or resume):
-        raise exists_error(path, flag="--adapter-path", also=", --resume to continue its training", cls=AdapterError)
-
-
 class Trainer:
     """One training run. `run()` trains to the end (or to a stop) and writes the adapter folder."""
 
@@ -60,8 +56,10 @@ class Trainer:
         # Under mlx.launch every rank runs this; alone, the group has size 1.
         self.group = mx.distributed.init()
         self.rank, self.world = self.group.rank(), self.group.size()
+        self.run_dir = self.out
         if self.rank == 0:  # rank 0 owns the output folder (others would race its creation)
-            check_output_folder(self.out, cfg.force, resume is not None)
+            check_inputs(cfg, resume)
+            self.run_dir = plan_run_folder(self.out, cfg.force, resume)
         if cfg.model is None and base is None:
             raise ConfigError("--model is required (a model folder, a .gguf file or a hub id)")
         files = D.find_split_files(cfg.data, cfg.train_file, cfg.valid_file)
@@ -83,6 +81,11 @@ class Trainer:
         if self.world > 1:
             self.progress.note(f"data parallel: {self.world} ranks × batch {cfg.batch_size} = global batch "
                                f"{self.batches.global_batch}")
+        if self.train_split.template == "fallback":
+            self.progress.console.print(
+                f"[yellow]warning: the tokenizer of {cfg.model or self.base.source} has no chat template; chat rows "
+                "are rendered with mlxlora's fallback format (### User: / ### Assistant:); it is recorded in the "
+                "adapter and generate / chat / serve use the same[/yellow]")
         warning = memory_warning(cfg, self.base, self.batches.pack_capacity)
         if warning:
             self.progress.console.print(f"[yellow]{warning}[/yellow]")
@@ -100,7 +103,8 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, model = self.cfg, self.base.model
         mx.random.seed(cfg.seed)
-        self.base_info = describe_base(model, self.base.config, self.base.info.get("fingerprint"))  # before wrapping
+        self.base_info = describe_base(model, self.base.config, self.base.info.get("fingerprint"),
+                                       self.base.info.get("content"))  # before wrapping
         get_lora_model(model, cfg.lora)
         if cfg.grad_checkpoint:
             grad_checkpoint_blocks(model)
@@ -110,10 +114,12 @@ class Trainer:
         st = TrainerState()
         if self.resume is not None:
             st = self._restore(optimizer)
-        elif self.out.exists() and cfg.force and self.rank == 0:
-            shutil.rmtree(self.out)
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise AdapterError(f"--adapter-path {self.out}: cannot create {self.run_dir} ({write_failure(e)}); "
+                                   "choose another --adapter-path") from None
         stepper = Stepper(model, optimizer, cfg.clip_grad, group=self.group)
         trainable, n_params = count_parameters(model)
         self.progress.start(total, st.step, trainable, n_params, self.train_split.stats, cfg)
@@ -121,7 +127,7 @@ class Trainer:
         if self.valid_split is not None and st.step == 0:
             base_val = self._validate(model)
             st.val_log.append([0, base_val])
-        t0, stop = time.perf_counter(), StopSignals(self.out, self.rank)
+        t0, stop = time.perf_counter(), StopSignals(self.run_dir, self.rank)
         try:
             self._loop(model, optimizer, stepper, st, total, stop)
         except RuntimeError as e:
@@ -133,8 +139,9 @@ class Trainer:
             stop.restore()
         if stop.hit:
             path = self._checkpoint(model, optimizer, st)
-            raise TrainingStopped(f"interrupted at step {st.step}/{total}; checkpoint saved to {path}; "
-                                  f"continue with: mlxlora train --resume {self.out} (same flags)")
+            kept = "" if self.run_dir == self.out else f"{self.out} is unchanged; "
+            raise TrainingStopped(f"interrupted at step {st.step}/{total}; checkpoint saved to {path}; {kept}"
+                                  f"continue with: mlxlora train --resume {self.run_dir}")
         if self.early_stopped:
             self._finish_early(model, st)
         val = self._validate(model) if self.valid_split is not None else None
@@ -172,7 +179,7 @@ class Trainer:
                 if bad_in_row >= cfg.max_nonfinite:
                     raise TrainingStopped(f"{bad_in_row} non-finite steps in a row at step {st.step}; "
                                           "lower --lr or check the data; the last good checkpoint is under "
-                                          f"{self.out / 'checkpoints'}")
+                                          f"{self.run_dir / 'checkpoints'}")
                 continue
             bad_in_row = 0
             st.tokens += real_tokens
@@ -210,7 +217,7 @@ class Trainer:
         """--early-stop fired: with --save-best, the final adapter becomes the best checkpoint's."""
         msg = (f"early stop at step {st.step}: validation loss has not improved for {self.cfg.early_stop} "
                f"validation(s) (best {st.best_val:.4f} at step {st.best_step})")
-        best = best_checkpoint(self.out / "checkpoints") if self.cfg.save_best else None
+        best = best_checkpoint(self.run_dir / "checkpoints") if self.cfg.save_best else None
         if best is not None:
             load_adapter_weights(model, best)
             msg += f"; the final adapter is the best checkpoint {best.name}"
@@ -228,9 +235,12 @@ class Trainer:
     # -- files --------------------------------------------------------------------
     def _extra(self, st: TrainerState, **final) -> dict:
         final.setdefault("base_shapes", self.base_info["shapes"])
+        final.setdefault("base_content", self.base_info["content"])
         if self.early_stopped:
             final.update(early_stopped_at=st.step, best_step=st.best_step, best_val_loss=st.best_val)
-        return {"train_config": _jsonable(asdict(self.cfg)),
+        split = self.train_split
+        template = {"source": split.template, "template": split.template_text} if split.template else None
+        return {"train_config": _jsonable(asdict(self.cfg)), "chat_template": template,
                 "run_record": run_record(self.base, self.files, {"train": self.train_split, "valid": self.valid_split},
                                          self.cfg, st, resumed_from=self.resume, **final)}
 
@@ -239,32 +249,39 @@ class Trainer:
 
     def _checkpoint(self, model, optimizer, st, best: bool = False):
         if self.rank != 0:
-            return latest_path(self.out / "checkpoints", st)
-        return save_checkpoint(self.out / "checkpoints", st, lambda d: self._write_adapter(d, st), optimizer,
+            return latest_path(self.run_dir / "checkpoints", st)
+        return save_checkpoint(self.run_dir / "checkpoints", st, lambda d: self._write_adapter(d, st), optimizer,
                                keep=self.cfg.keep_checkpoints, best=best)
 
     def _save_final(self, model, st, val, base_val, seconds):
-        """Write the adapter files at the top of the adapter folder (checkpoints/ stays beside them)."""
+        """Write the adapter files at the top of the run folder (checkpoints/ stays beside them), then, for a
+        --force run in a staging folder, swap it in for the old adapter folder."""
         if self.rank != 0:
             return
-        tmp = self.out / f".tmp-final-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self._write_adapter(tmp, st, final_val_loss=val, base_val_loss=base_val, seconds=seconds)
-        for f in tmp.iterdir():
-            os.replace(f, self.out / f.name)
-        tmp.rmdir()
-        plot_losses(st.train_log, st.val_log, self.out / "loss.png")
+        bad = nonfinite_tensors(dict(tree_flatten(model.trainable_parameters())))
+        if bad:
+            ckpts = list_checkpoints(self.run_dir / "checkpoints")
+            raise TrainingStopped(f"the trained adapter holds NaN or infinity ({len(bad)} tensor(s), e.g. {bad[0]}); "
+                                  "it was not saved; lower --lr or check the data"
+                                  + (f"; the last checkpoint is {ckpts[-1]}" if ckpts else ""))
+        write_final(self.run_dir, self.out, st, lambda d: self._write_adapter(
+            d, st, final_val_loss=val, base_val_loss=base_val, seconds=seconds),
+            after=lambda d: plot_losses(st.train_log, st.val_log, d / "loss.png", note=self.progress.note))
 
     def _restore(self, optimizer) -> TrainerState:
         if self.rank == 0:  # a killed run's half-written checkpoint is never read; clear it away
-            remove_stale_temps(self.out / "checkpoints")
-            for tmp in self.out.glob(".tmp-final-*"):
+            remove_stale_temps(self.run_dir / "checkpoints")
+            for tmp in self.run_dir.glob(".tmp-final-*"):
                 shutil.rmtree(tmp, ignore_errors=True)
         ckpt = latest_checkpoint(Path(self.resume))
         load_adapter_weights(self.base.model, ckpt, base_info=self.base_info,
                              ignore_base_mismatch=self.cfg.ignore_base_mismatch)
         st = load_trainer_state(ckpt, optimizer)
         self.progress.note(f"resuming from {ckpt} (step {st.step})")
+        drift = resume_drift(read_json_or_empty(ckpt / RECORD_FILE), self.cfg, self.files)
+        if drift:
+            self.progress.console.print(f"[yellow]warning: --resume does not continue exactly, since the checkpoint "
+                                        f"was written: {'; '.join(drift)}[/yellow]")
         return st
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import MlxloraError
 from ..files import atomic_file
 
 
-def plot_losses(train_log: list, val_log: list, out: Path) -> Path | None:
-    """Write the curves to `out`; returns None (and writes nothing) when matplotlib is unavailable."""
+def plot_losses(train_log: list, val_log: list, out: Path, note=None) -> Path | None:
+    """Write the curves to `out`; returns None (and writes nothing) when matplotlib is unavailable.
+
+    note: when given, a failed write is reported through it instead of raised (the plot is optional).
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -26,6 +30,12 @@ def plot_losses(train_log: list, val_log: list, out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_file(out, force=True) as tmp:
-        fig.savefig(tmp, format="png")
+    try:
+        with atomic_file(out, force=True) as tmp:
+            fig.savefig(tmp, format="png")
+    except MlxloraError as e:
+        if note is None:
+            raise
+        note(f"warning: {out.name} not written: {e}")
+        return None
     return out

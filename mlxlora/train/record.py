@@ -20,6 +20,27 @@ def versions() -> dict[str, str]:
     return out
 
 
+# TrainConfig fields whose change makes a resumed run differ from one that was never interrupted.
+SCHEDULE_FIELDS = ("iters", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup", "schedule",
+                   "clip_grad", "max_seq_length", "pad_multiple", "pack", "seed", "quantize", "q_group_size", "dtype")
+
+
+def resume_drift(record: dict, cfg, files: dict) -> list[str]:
+    """What differs between a checkpoint's mlxlora.json (`record`) and this run: data files whose sha256
+    changed, and schedule settings (SCHEDULE_FIELDS). Empty when the run continues exactly."""
+    out = []
+    data = (record.get("run_record") or {}).get("data") or {}
+    for split, path in files.items():
+        want = (data.get(split) or {}).get("sha256")
+        if want and file_sha256(path) != want:
+            out.append(f"{split} data {path} changed (sha256 {want[:12]}... -> {file_sha256(path)[:12]}...)")
+    stored = record.get("train_config") or {}
+    for name in SCHEDULE_FIELDS:
+        if name in stored and stored[name] != getattr(cfg, name):
+            out.append(f"--{name.replace('_', '-')} {stored[name]} -> {getattr(cfg, name)}")
+    return out
+
+
 def run_record(base, files: dict, splits: dict, cfg, st, resumed_from=None, **final) -> dict:
     """A JSON-able summary of a training run. Never holds tokens or secrets."""
     data = {}

@@ -35,7 +35,7 @@ class StopSignals:
         ckpts = list_checkpoints(self.out / "checkpoints")
         last = f"last checkpoint {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
         return (f"rank {self.rank}: training stopped: {why}; {last}; "
-                f"resume with: mlxlora train --resume {self.out} (same flags)")
+                f"resume with: mlxlora train --resume {self.out}")
 
     def _sigterm(self, signum, frame):
         why = "SIGTERM (under mlx.launch: another rank died or was stopped)"
