@@ -25,6 +25,7 @@ LAYERS = [
     ["serve"],
     ["train"],
     ["fuse"],
+    ["evaluate"],
     ["cards"],
     ["hub"],
     ["demo"],
