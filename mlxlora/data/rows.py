@@ -143,7 +143,7 @@ def load_split(path: str | Path, tokenizer, max_seq_length: int) -> Split:
     samples: list[Sample] = []
     rows = truncated = dropped = dropped_long = 0
     first: tuple[str, int] | None = None  # (format, line) of the first row
-    for lineno, row in _read_rows(path):
+    for lineno, row in read_rows(path):
         rows += 1
         try:
             fmt = row_format(row)
@@ -188,8 +188,8 @@ def tokenizer_template(info: TokenizerInfo) -> str | None:
     return t if isinstance(t, str) else None
 
 
-def _read_rows(path: Path):
-    # Yields (line number, parsed JSON value) for each non-blank line.
+def read_rows(path: Path):
+    """Yield (line number, parsed JSON value) for each non-blank line; DataError "path:line: ..." otherwise."""
     problem = path_problem(path)
     if problem:  # a FIFO would block the read forever; a link loop reads as "does not exist"
         raise DataError(f"{path} {problem}")
