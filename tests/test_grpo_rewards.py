@@ -89,8 +89,8 @@ def test_a_reward_returning_the_wrong_count_or_type_is_named(tmp_path):
 
 
 def test_config_refuses_bad_values():
-    for kw, needle in ((dict(group_size=1), "--group-size"), (dict(loss_type="ppo"), "--loss-type must be one of"),
-                       (dict(beta=-1.0), "--beta"), (dict(rewards=()), "at least one --reward"),
+    for kw, needle in ((dict(group_size=1), "--group-size"), (dict(epsilon=1.5), "--epsilon"),
+                       (dict(top_p=0.0), "--top-p"), (dict(rewards=()), "at least one --reward"),
                        (dict(format_pattern="("), "--format-pattern"), (dict(temperature=0.0), "--temperature")):
         with pytest.raises(ConfigError, match=needle):
             GRPOConfig(**kw)
@@ -152,3 +152,15 @@ def test_prompt_too_long_and_mixed_formats(tiny_dirs, tmp_path):
                                       {"messages": [{"role": "user", "content": "b"}], "answer": "2"}])
     with pytest.raises(DataError, match="q.jsonl:2: a 'messages' row, but line 1 is a 'prompt' row"):
         load_prompts(g, tok)
+
+
+def test_prompt_split_counts_and_template(tiny_dirs, tmp_path):
+    from mlxlora.data.prompts import load_prompt_split
+    from mlxlora.models import load_base
+
+    tok = load_base(str(tiny_dirs["llama"])).tokenizer
+    f = _write(tmp_path / "p.jsonl", [{"prompt": "2+2?", "answer": 4}, {"prompt": "3+3?", "answer": 6}])
+    split = load_prompt_split(f, tok)
+    assert (split.stats.rows, split.stats.samples, split.stats.target_tokens) == (2, 2, 0)
+    assert split.stats.tokens == sum(len(r.ids) for r in split.rows) and split.template == "tokenizer"
+    assert split.template_text == tok.chat_template

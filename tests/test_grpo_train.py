@@ -80,11 +80,11 @@ def test_a_learnable_reward_rises(tiny_dirs, tmp_path):
     rows = _prompts(tmp_path, base.tokenizer)
     cfg = GRPOConfig(group_size=8, max_completion_length=1, rewards=("first_is_letter",))
     stepper = GRPOStepper(base.model, optim.Adam(learning_rate=1e-2), base.tokenizer, cfg,
-                          [Reward("first_is_letter", first_is_letter)])
+                          [Reward("first_is_letter", first_is_letter)], beta=0.0, loss_type="dapo")
     rewards = []
     for step in range(16):
         mx.random.seed(step)
-        s = stepper.step(rows)
+        s = stepper.grpo_step(rows)
         rewards.append(s.reward)
         assert s.per_reward["first_is_letter"][0] == pytest.approx(s.reward) and s.completion_length == 1.0
         assert s.kl == 0.0 and s.tokens == 16
@@ -107,10 +107,10 @@ def test_beta_uses_the_reference_and_reports_kl(tiny_dirs, tmp_path):
 
     reward = [Reward("first_is_letter", first_is_letter)]
     for beta, reference in ((0.0, refuse), (0.1, counted)):
-        cfg = GRPOConfig(group_size=4, max_completion_length=3, beta=beta, rewards=("first_is_letter",))
-        stepper = GRPOStepper(base.model, optim.Adam(learning_rate=1e-3), base.tokenizer, cfg, reward,
-                              reference=reference)
+        cfg = GRPOConfig(group_size=4, max_completion_length=3, rewards=("first_is_letter",))
+        stepper = GRPOStepper(base.model, optim.Adam(learning_rate=1e-3), base.tokenizer, cfg, reward, beta=beta,
+                              loss_type="grpo", reference=reference)
         mx.random.seed(0)
-        s = stepper.step(rows)
+        s = stepper.grpo_step(rows)
         assert (s.kl > 1e-4) == (beta > 0), s.kl
     assert calls == [1]

@@ -1,8 +1,9 @@
-"""GRPOConfig: the knobs of online GRPO training (`mlxlora train --method grpo`), defaults as TRL's GRPOConfig.
+"""GRPOConfig: the knobs only online GRPO training has (`mlxlora train --method grpo`), defaults as TRL's.
 
-TRL 1.x defaults kept here: beta 0.0 (no reference pass), epsilon 0.2, temperature 1.0,
-max_completion_length 256, loss_type "dapo", scale_rewards "group". group_size is TRL's num_generations
-(TRL: 8; 4 here, since every completion costs a laptop a sampled sequence).
+TRL 1.x defaults kept here: epsilon 0.2, temperature 1.0, max_completion_length 256, scale_rewards
+"group". group_size is TRL's num_generations (TRL: 8; 4 here, since every completion costs a laptop a
+sampled sequence). --beta and --loss-type are shared with the other methods; their GRPO defaults (TRL's:
+beta 0.0, so no reference pass, and loss_type "dapo") are passed to the engine with them.
 """
 
 from __future__ import annotations
@@ -32,10 +33,8 @@ class GRPOConfig:
     max_completion_length: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
-    beta: float = 0.0
     epsilon: float = 0.2
     epsilon_high: float | None = None
-    loss_type: str = "dapo"
     scale_rewards: str = "group"
     rewards: tuple[str, ...] = field(default_factory=lambda: ("exact",))
     format_pattern: str = r"\\boxed\{[^{}]*\}"
@@ -50,12 +49,9 @@ class GRPOConfig:
                               f"{self.max_completion_length!r}")
         number("--temperature", self.temperature, low=0, low_open=True)
         number("--top-p", self.top_p, low=0, high=1, low_open=True)
-        number("--beta", self.beta, low=0)
         number("--epsilon", self.epsilon, low=0, high=1, low_open=True, high_open=True)
         if self.epsilon_high is not None:
             number("--epsilon-high", self.epsilon_high, low=0, low_open=True)
-        if self.loss_type not in GRPO_LOSS_TYPES:
-            raise choice_error("--loss-type", self.loss_type, GRPO_LOSS_TYPES)
         if self.scale_rewards not in SCALE_REWARDS:
             raise choice_error("--scale-rewards", self.scale_rewards, SCALE_REWARDS)
         self.rewards = tuple(self.rewards)

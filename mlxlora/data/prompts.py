@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError, RowError
-from .chat import TokenizerInfo, encode_targets, render_chat
-from .rows import ROLES, read_rows
+from .chat import FALLBACK_CHAT_TEMPLATE, TokenizerInfo, encode_targets, render_chat
+from .rows import ROLES, SplitStats, read_rows, tokenizer_template
 
 PROMPT_ACCEPTED = ('{"prompt": "...", "answer": "..."} or {"messages": [{"role": "user", "content": "..."}], '
                    '"answer": "..."}')
@@ -35,6 +35,30 @@ class PromptRow:
     prompt: str | list
     row: dict
     line: int
+
+
+@dataclass
+class PromptSplit:
+    """A prompt file's rows with what the run record and progress show of a split (stats: tokens are the
+    prompts'; none carries loss until completions are sampled) and how prompts were rendered (template:
+    "tokenizer", "fallback" or None, as data.rows.Split)."""
+
+    rows: list[PromptRow]
+    stats: SplitStats
+    template: str | None
+    template_text: str | None
+
+
+def load_prompt_split(path: str | Path, tokenizer, *, need_answer: bool = True,
+                      max_prompt_length: int | None = None) -> PromptSplit:
+    """load_prompts plus the split's counts and template (see PromptSplit)."""
+    rows = load_prompts(path, tokenizer, need_answer=need_answer, max_prompt_length=max_prompt_length)
+    info = TokenizerInfo.from_tokenizer(tokenizer)
+    chat = info.has_template or isinstance(rows[0].prompt, list)
+    template = ("tokenizer" if info.has_template else "fallback") if chat else None
+    text = FALLBACK_CHAT_TEMPLATE if template == "fallback" else tokenizer_template(info) if template else None
+    stats = SplitStats(str(path), len(rows), len(rows), sum(len(r.ids) for r in rows), 0, 0, 0)
+    return PromptSplit(rows, stats, template, text)
 
 
 def load_prompts(path: str | Path, tokenizer, *, need_answer: bool = True,

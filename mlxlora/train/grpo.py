@@ -1,6 +1,6 @@
 """Online GRPO on a LoRA model: sample a group per prompt, score it, one clipped policy-gradient update.
 
-One optimizer step (GRPOStepper.step) over a batch of prompt rows:
+One optimizer step (GRPOStepper.grpo_step) over a batch of prompt rows:
   1. sample `group_size` completions per prompt from the current policy (adapter attached, eval mode),
      through mlx-lm's KV cache and sampler (one batched decode per group, temperature / top-p);
   2. score them with the reward functions (train/rewards.py) -> group-normalised advantages;
@@ -25,12 +25,56 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
-from ..config.grpo import GRPOConfig
+from ..config.choices import number
+from ..config.grpo import GRPO_LOSS_TYPES, GRPOConfig
+from ..errors import choice_error
 from ..data.prompts import PromptRow
 from ..lora.layers import base_of
 from ..lora.surgery import adapter_layers
 from ..loss.grpo import completion_logps, group_advantages, grpo_loss_sums
 from .rewards import Reward, score
+
+
+class PromptPlan:
+    """Which prompt rows go into each GRPO step: --batch-size x --grad-accum prompts per rank and step.
+
+    An epoch's order is a permutation seeded by (seed, epoch), cut into global batches of
+    batch_size x world prompts; rank r takes slice r. Like BatchPlan, the plan depends only on its
+    inputs, so a resumed run (st.epoch, st.batch_in_epoch) continues with the same prompts.
+    """
+
+    pack = False
+
+    def __init__(self, rows: list[PromptRow], batch_size: int, grad_accum: int, seed: int, rank: int = 0,
+                 world: int = 1):
+        self.rows, self.batch_size, self.grad_accum, self.seed = rows, batch_size, grad_accum, seed
+        self.rank, self.world = rank, world
+        self._order, self._order_epoch = None, None
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed % 2**63, epoch % 2**63])
+        order = rng.permutation(len(self.rows)).tolist()
+        return [order[i:i + self.global_batch] for i in range(0, len(order), self.global_batch)]
+
+    def next(self, st) -> tuple[list[PromptRow], int]:
+        """This rank's prompts for one step, and 0 (tokens are known after sampling); advances `st`."""
+        out = []
+        for _ in range(self.grad_accum):
+            while True:
+                if self._order_epoch != st.epoch:
+                    self._order, self._order_epoch = self.plan(st.epoch), st.epoch
+                if st.batch_in_epoch < len(self._order):
+                    break
+                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+            batch = self._order[st.batch_in_epoch]
+            st.batch_in_epoch += 1
+            part = batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            out += [self.rows[i] for i in part]
+        return out, 0
 
 
 @contextmanager
@@ -109,9 +153,14 @@ class GRPOStepper:
     """GRPO optimizer steps for one LoRA model, optimizer, tokenizer and set of reward functions."""
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, tokenizer, cfg: GRPOConfig,
-                 rewards: list[Reward], clip_grad: float | None = 1.0, pad_id: int = 0, reference=reference_view):
-        """reference: a context-manager factory that turns the model into the KL reference while active
+                 rewards: list[Reward], *, beta: float, loss_type: str, clip_grad: float | None = 1.0,
+                 pad_id: int = 0, reference=reference_view):
+        """beta: the KL weight (0: no reference pass); loss_type: one of GRPO_LOSS_TYPES (loss/grpo.py).
+        reference: a context-manager factory that turns the model into the KL reference while active
         (default: the base with the adapters swapped out)."""
+        if loss_type not in GRPO_LOSS_TYPES:
+            raise choice_error("--loss-type", loss_type, GRPO_LOSS_TYPES)
+        self.beta, self.loss_type = number("--beta", beta, low=0.0), loss_type
         from mlx_lm.sample_utils import make_sampler
 
         self.model, self.optimizer, self.tokenizer, self.cfg = model, optimizer, tokenizer, cfg
@@ -158,7 +207,13 @@ class GRPOStepper:
                                   mx.array(advantages[i * G:(i + 1) * G].astype(np.float32)), len(row.ids)))
         return out
 
-    def step(self, rows: list[PromptRow]) -> StepStats:
+    def step(self, rows: list[PromptRow]) -> tuple[mx.array, mx.array, mx.array]:
+        """grpo_step in the shape the training loop takes (as train.step.Stepper.step): (loss, completion
+        tokens, grad norm); the step's StepStats stay in `self.last`."""
+        self.last = self.grpo_step(rows)
+        return mx.array(self.last.loss), mx.array(self.last.tokens), mx.array(self.last.grad_norm)
+
+    def grpo_step(self, rows: list[PromptRow]) -> StepStats:
         """One optimizer step over `rows` (sample, score, reference pass, gradient, update)."""
         cfg, model = self.cfg, self.model
         completion_ids = self.sample(rows)
@@ -166,7 +221,7 @@ class GRPOStepper:
         adv, total, _ = group_advantages(rewards, [r.weight for r in self.rewards], cfg.group_size,
                                          cfg.scale_rewards)
         batches = self.groups(rows, completion_ids, adv)
-        if cfg.beta != 0.0:
+        if self.beta != 0.0:
             with self.reference(model):
                 for b in batches:
                     b.ref_logps = mx.stop_gradient(completion_logps(model, b.ids, b.prompt_len, cfg.temperature))
@@ -178,7 +233,7 @@ class GRPOStepper:
         for b in batches:
             (lsum, (norm, kl, clipped, ntok)), grads = self.vg(
                 model, b.ids, b.mask, b.advantages, None, b.ref_logps, prompt_len=b.prompt_len,
-                temperature=cfg.temperature, beta=cfg.beta, clip_low=low, clip_high=high, loss_type=cfg.loss_type,
+                temperature=cfg.temperature, beta=self.beta, clip_low=low, clip_high=high, loss_type=self.loss_type,
                 max_completion_length=cfg.max_completion_length)
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             mx.eval(acc, lsum, norm, kl, clipped, ntok)  # one group's activations at a time
@@ -195,6 +250,16 @@ class GRPOStepper:
                          per_reward=per, kl=sums[2] / max(tokens, 1), clip_ratio=sums[3] / max(tokens, 1),
                          completion_length=float(np.mean([len(c) for c in completion_ids])), tokens=tokens,
                          grad_norm=float(norm.item()), completions=texts)
+
+
+def stats_text(s: StepStats) -> str:
+    """The GRPO part of a progress line: mean reward ± std, each function's mean (± std), KL, length."""
+    parts = [f"reward {s.reward:.3f} ± {s.reward_std:.3f}"]
+    if len(s.per_reward) > 1:
+        parts.append(" ".join(f"{name} {m:.3f}±{sd:.3f}" for name, (m, sd) in s.per_reward.items()))
+    parts.append(f"kl {s.kl:.4f}")
+    parts.append(f"length {s.completion_length:.1f}")
+    return " · ".join(parts)
 
 
 def _std(x: np.ndarray) -> float:
