@@ -114,3 +114,22 @@ def test_beta_uses_the_reference_and_reports_kl(tiny_dirs, tmp_path):
         s = stepper.grpo_step(rows)
         assert (s.kl > 1e-4) == (beta > 0), s.kl
     assert calls == [1]
+
+
+def test_prompt_plan_covers_each_epoch_and_resumes_where_it_stopped():
+    from mlxlora.data.prompts import PromptRow
+    from mlxlora.train.checkpoint import TrainerState
+    from mlxlora.train.grpo import PromptPlan
+
+    rows = [PromptRow([i], None, f"p{i}", {}, i + 1) for i in range(7)]
+    plan = PromptPlan(rows, batch_size=2, grad_accum=2, seed=5)
+    st = TrainerState()
+    steps = [[r.line for r in plan.next(st)[0]] for _ in range(3)]
+    e0, e1 = ([rows[i].line for b in plan.plan(e) for i in b] for e in (0, 1))
+    assert sorted(e0) == list(range(1, 8)) and e0 != e1  # every prompt once per epoch, reshuffled each epoch
+    # 2 batches of 2 prompts per step; 7 prompts = batches of 2, 2, 2, 1, so step 2 has the epoch's last 3
+    assert steps == [e0[:4], e0[4:7], e1[:4]]
+    # a fresh plan from the saved position continues with the same prompts
+    saved = TrainerState(epoch=st.epoch, batch_in_epoch=st.batch_in_epoch)
+    again = PromptPlan(rows, batch_size=2, grad_accum=2, seed=5)
+    assert [r.line for r in again.next(saved)[0]] == [r.line for r in plan.next(st)[0]]
