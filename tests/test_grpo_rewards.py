@@ -1,6 +1,7 @@
 """GRPO rewards (built-ins, user code, weights, bad specs) and prompt rows (formats, one-line errors)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -78,8 +79,9 @@ def test_a_reward_returning_the_wrong_count_or_type_is_named(tmp_path):
     f = tmp_path / "bad.py"
     f.write_text("def short(prompts, completions, **kw):\n    return [1.0]\n"
                  "def text(prompts, completions, **kw):\n    return ['yes'] * len(completions)\n"
-                 "raise_on_import = None\n")
-    for fn, needle in (("short", "returned 1 values for 2 completions"), ("text", "returned 'yes'")):
+                 "def boom(prompts, completions, **kw):\n    return [1 / 0]\n")
+    for fn, needle in (("short", "returned 1 values for 2 completions"), ("text", "returned 'yes'"),
+                       ("boom", f"raised ZeroDivisionError: division by zero (at {f}:6)")):
         with pytest.raises(ConfigError, match=needle):
             score(parse_rewards(GRPOConfig(rewards=(f"{f}:{fn}",))), ["p"] * 2, ["a", "b"], [[1], [2]], {})
     broken = tmp_path / "broken.py"

@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import math
 import re
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -160,12 +161,19 @@ def score(rewards: list[Reward], prompts: list, completions: list[str], completi
           columns: dict[str, list]) -> np.ndarray:
     """(N, F) float64 rewards of N completions by F functions (NaN where a function returned None).
 
-    Raises ConfigError when a function returns the wrong count or a value that is not a number.
+    Raises ConfigError when a function raises, returns the wrong count or a value that is not a number.
     """
     n = len(completions)
     out = np.empty((n, len(rewards)), dtype=np.float64)
     for j, r in enumerate(rewards):
-        values = r.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        try:
+            values = r.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        except ConfigError:
+            raise
+        except Exception as e:  # the user's function failed: say where, on one line
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            raise ConfigError(f"--reward {r.name} raised {type(e).__name__}: {e} (at {frame.filename}:"
+                              f"{frame.lineno}); fix the function or drop the --reward") from None
         values = list(values) if values is not None else []
         if len(values) != n:
             raise ConfigError(f"--reward {r.name} returned {len(values)} values for {n} completions; "
