@@ -82,7 +82,7 @@ def test_a_reward_returning_the_wrong_count_or_type_is_named(tmp_path):
                  "def boom(prompts, completions, **kw):\n    return [1 / 0]\n")
     for fn, needle in (("short", "returned 1 values for 2 completions"), ("text", "returned 'yes'"),
                        ("boom", f"raised ZeroDivisionError: division by zero (at {f}:6)")):
-        with pytest.raises(ConfigError, match=needle):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
             score(parse_rewards(GRPOConfig(rewards=(f"{f}:{fn}",))), ["p"] * 2, ["a", "b"], [[1], [2]], {})
     broken = tmp_path / "broken.py"
     broken.write_text("import no_such_dependency_abc\n")
