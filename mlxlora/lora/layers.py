@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .quant import dequantize_weight, float_weight, weight_shape
+from .switch import LoRASwitchLinear
 
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 EMBEDDING_TYPES = (nn.Embedding, nn.QuantizedEmbedding)
@@ -171,7 +172,7 @@ class LoRAEmbedding(nn.Module):
         return fused
 
 
-ADAPTER_TYPES = (LoRALinear, LoRAEmbedding)
+ADAPTER_TYPES = (LoRALinear, LoRAEmbedding, LoRASwitchLinear)
 
 
 def base_of(layer: nn.Module) -> nn.Module:
