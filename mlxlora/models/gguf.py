@@ -1,16 +1,15 @@
 """Import a llama.cpp GGUF file as an MLX model folder that `mlx_lm.load` reads.
 
-Q4_0/Q4_1/Q8_0 tensors stay quantized: `mx.load` returns them as MLX affine triples
-(`.weight` uint32, `.scales`, `.biases`; group 32) and they are saved as they are.
-Other types (BF16, K-quants, IQ) are dequantized with the `gguf` package, and may be
-re-quantized with `quantize_bits`. The tokenizer is rebuilt from `tokenizer.ggml.*`.
+Block-quantized matrices stay quantized as MLX affine triples (`.weight` uint32, `.scales`,
+`.biases`; groups of 32): exactly where the block math is affine per 32 values, re-quantized
+where it is not (see gguf_quants). Float matrices may be quantized with `quantize_bits`.
+The tokenizer is rebuilt from `tokenizer.ggml.*`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -20,9 +19,8 @@ import numpy as np
 from ..config import check_bits
 from ..errors import ModelError
 from ..files import atomic_folder, check_output, open_gguf
+from .gguf_quants import GROUP_SIZE, import_spec, read_tensor
 from .gguf_tokenizer import build_tokenizer
-
-GROUP_SIZE = 32  # GGUF block size; also used when re-quantizing float weights
 
 # general.architecture -> HF config identity and default rope_theta; llama.cpp permutes
 # the Q/K rows of "llama" only (convert_hf_to_gguf.py LlamaModel), never qwen2's.
@@ -62,8 +60,6 @@ HPARAMS = {
     "max_position_embeddings": "context_length",
 }
 
-MX_QUANTIZED = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # types mx.load returns as (weight, scales, biases)
-
 
 def hf_name(gguf_name: str) -> str | None:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None if unmapped."""
@@ -83,11 +79,12 @@ def unpermute_rows(rows: int, n_head: int) -> np.ndarray:
 
 
 def convert_gguf(gguf_path, out_dir, force: bool = False, quantize_bits: int | None = None,
-                 flag: str | None = None) -> Path:
+                 flag: str | None = None, keep_float: bool = False) -> Path:
     """Write the MLX folder (config.json, model.safetensors, tokenizer files) for a GGUF file.
 
     Supports general.architecture llama and qwen2. `quantize_bits` (2-8) re-quantizes
-    weights that come out as float (group size 32). Raises ModelError for a missing,
+    weights that come out as float (group size 32). `keep_float` imports the types with no
+    exact MLX form (Q2_K, Q3_K, Q6_K) as float16 instead of re-quantizing them. Raises ModelError for a missing,
     truncated or unsupported file, and when `out_dir` is not empty and `force` is False;
     ConfigError for a bad `quantize_bits`.
     Returns `out_dir`. Writes into a temporary sibling folder and renames it at the end.
@@ -102,7 +99,7 @@ def convert_gguf(gguf_path, out_dir, force: bool = False, quantize_bits: int | N
         raise ModelError(f"{gguf_path.name}: GGUF architecture {arch!r} is not supported "
                          f"(supported: {', '.join(ARCHS)})")
     config = _hparams(gguf_path, meta, arch)
-    weights, quant, rope_freqs = _load_weights(gguf_path, reader, config, quantize_bits)
+    weights, quant, rope_freqs = _load_weights(gguf_path, reader, config, quantize_bits, keep_float)
     _complete_config(config, meta, weights, quant)
     if rope_freqs is not None:
         config["rope_scaling"] = llama3_rope_scaling(np.array(rope_freqs, dtype=np.float64), config)
@@ -116,44 +113,25 @@ def convert_gguf(gguf_path, out_dir, force: bool = False, quantize_bits: int | N
     return out_dir
 
 
-def _read_tensors(path: Path, reader) -> tuple[dict, dict]:
-    """GGUF name -> mx.array, and GGUF module -> bits for the tensors kept quantized."""
-    from gguf import GGMLQuantizationType, quants
-
-    native = {t.name: MX_QUANTIZED[t.tensor_type.name] for t in reader.tensors
-              if t.tensor_type.name in MX_QUANTIZED and t.name.endswith(".weight")}
-    arrays, bits = {}, {}
-    if native:
-        try:
-            loaded = mx.load(str(path))
-        except (RuntimeError, ValueError) as e:  # e.g. a file that also holds Q5_0 tensors
-            warnings.warn(f"{path.name}: mx.load cannot read this file ({e}); "
-                          "dequantizing every tensor to float16")
-            native = {}
-        else:
-            for name, b in native.items():
-                stem = name.removesuffix(".weight")
-                for part in ("weight", "scales", "biases"):
-                    arrays[f"{stem}.{part}"] = loaded[f"{stem}.{part}"]
-                bits[stem] = b
-            del loaded
+def _read_tensors(reader, keep_float: bool) -> tuple[dict, dict]:
+    """GGUF name -> mx.array (MLX's `.weight`/`.scales`/`.biases` for quantized matrices), and
+    GGUF module -> (group size, bits) for the tensors kept quantized."""
+    arrays, specs = {}, {}
     for t in reader.tensors:
-        if t.name in native:
-            continue
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the fastest dim first
-        kind = t.tensor_type
-        if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            arrays[t.name] = mx.array(np.asarray(t.data).reshape(shape))
-        else:  # BF16 keeps its dtype; block quants become float16
-            dtype = mx.bfloat16 if kind == GGMLQuantizationType.BF16 else mx.float16
-            float32 = quants.dequantize(t.data, kind).reshape(shape)
-            arrays[t.name] = mx.array(float32).astype(dtype)
-    return arrays, bits
+        stem, _, suffix = t.name.rpartition(".")
+        matrix = suffix == "weight" and len(shape) >= 2
+        parts, spec = read_tensor(t.name, t.tensor_type.name, t.data, shape, quantize=matrix,
+                                  keep_float=keep_float)
+        arrays.update({f"{stem}.{part}" if part != "weight" else t.name: a for part, a in parts.items()})
+        if spec is not None:
+            specs[stem] = spec
+    return arrays, specs
 
 
-def _load_weights(path: Path, reader, config: dict, quantize_bits: int | None):
+def _load_weights(path: Path, reader, config: dict, quantize_bits: int | None, keep_float: bool):
     """mlx-lm weights; HF module -> (group_size, bits) or None (float matrix); rope_freqs."""
-    arrays, bits = _read_tensors(path, reader)
+    arrays, specs = _read_tensors(reader, keep_float)
     rope_freqs = arrays.pop("rope_freqs.weight", None)  # Llama 3.1+ rope scaling, see below
     unknown = sorted(n for n in arrays if hf_name(n) is None)
     if unknown:
@@ -168,8 +146,8 @@ def _load_weights(path: Path, reader, config: dict, quantize_bits: int | None):
             a = a[mx.array(unpermute_rows(a.shape[0], heads))]
         weights[hf] = a
         stem = name.rpartition(".")[0]
-        if stem in bits:
-            quant[module] = (GROUP_SIZE, bits[stem])
+        if stem in specs:
+            quant[module] = specs[stem]
         elif hf.endswith(".weight") and a.ndim == 2:
             quant[module] = None
     if quantize_bits:

@@ -15,7 +15,8 @@ from pathlib import Path
 from ..errors import ModelError
 from ..files import open_gguf, read_json, tensor_headers
 from ..lora.quant import unpacked_cols
-from .gguf import ARCHS, GROUP_SIZE, HPARAMS, MX_QUANTIZED, hf_name
+from .gguf import ARCHS, HPARAMS, hf_name
+from .gguf_quants import import_spec
 
 BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
          "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -217,12 +218,12 @@ def _read_gguf(path: Path) -> ModelShapes:
             continue
         shape = [int(s) for s in reversed(t.shape)]
         kind = t.tensor_type.name
-        bits = MX_QUANTIZED.get(kind)
+        spec = import_spec(kind)
         if len(shape) == 2 and name.endswith(".weight"):
             module = name.rpartition(".")[0]
             mats.append(Matrix(module, "embedding" if "embed" in module else "linear", *shape,
-                               "F16" if bits or kind not in ("F32", "BF16") else kind,
-                               bits, GROUP_SIZE if bits else None))
+                               "F16" if spec or kind not in ("F32", "BF16") else kind,
+                               spec and spec[1], spec and spec[0]))
         else:
             others.append((name, math.prod(shape), "F32" if kind == "F32" else "F16"))
     config["vocab_size"] = next(m.rows for m in mats if m.kind == "embedding")
