@@ -9,7 +9,6 @@ The tokenizer is rebuilt from `tokenizer.ggml.*`.
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -19,34 +18,9 @@ import numpy as np
 from ..config import check_bits
 from ..errors import ModelError
 from ..files import atomic_folder, check_output, open_gguf
-from .gguf_quants import GROUP_SIZE, import_spec, read_tensor
+from .gguf_arch import ARCHS, arch_config, hf_name
+from .gguf_quants import GROUP_SIZE, read_tensor
 from .gguf_tokenizer import build_tokenizer
-
-# general.architecture -> HF config identity and default rope_theta; llama.cpp permutes
-# the Q/K rows of "llama" only (convert_hf_to_gguf.py LlamaModel), never qwen2's.
-ARCHS = {
-    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], permuted_qk=True,
-                  rope_theta=10000.0),
-    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], permuted_qk=False,
-                  rope_theta=1000000.0),
-}
-
-# GGUF module name -> mlx-lm/HF module name. The suffix (.weight, .bias, and MLX's
-# .scales/.biases) is carried over, so qwen2's attn_q/k/v.bias map through the same rows.
-TENSOR_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-    "blk.{n}.attn_norm": "model.layers.{n}.input_layernorm",
-    "blk.{n}.attn_q": "model.layers.{n}.self_attn.q_proj",
-    "blk.{n}.attn_k": "model.layers.{n}.self_attn.k_proj",
-    "blk.{n}.attn_v": "model.layers.{n}.self_attn.v_proj",
-    "blk.{n}.attn_output": "model.layers.{n}.self_attn.o_proj",
-    "blk.{n}.ffn_norm": "model.layers.{n}.post_attention_layernorm",
-    "blk.{n}.ffn_gate": "model.layers.{n}.mlp.gate_proj",
-    "blk.{n}.ffn_up": "model.layers.{n}.mlp.up_proj",
-    "blk.{n}.ffn_down": "model.layers.{n}.mlp.down_proj",
-}
 
 # HF config key -> GGUF metadata key, after the "{arch}." prefix.
 HPARAMS = {
@@ -61,15 +35,6 @@ HPARAMS = {
 }
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None if unmapped."""
-    module, _, suffix = gguf_name.rpartition(".")
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", module)
-    key = f"blk.{{n}}.{m[2]}" if m else module
-    hf = TENSOR_NAMES.get(key)
-    return None if hf is None else f"{hf.format(n=m[1] if m else '')}.{suffix}"
-
-
 def unpermute_rows(rows: int, n_head: int) -> np.ndarray:
     """Row order undoing llama.cpp's Q/K permutation: `w_hf = w_gguf[order]`.
 
@@ -82,7 +47,7 @@ def convert_gguf(gguf_path, out_dir, force: bool = False, quantize_bits: int | N
                  flag: str | None = None, keep_float: bool = False) -> Path:
     """Write the MLX folder (config.json, model.safetensors, tokenizer files) for a GGUF file.
 
-    Supports general.architecture llama and qwen2. `quantize_bits` (2-8) re-quantizes
+    Supports the general.architecture values in gguf_arch.ARCHS. `quantize_bits` (2-8) re-quantizes
     weights that come out as float (group size 32). `keep_float` imports the types with no
     exact MLX form (Q2_K, Q3_K, Q6_K) as float16 instead of re-quantizing them. Raises ModelError for a missing,
     truncated or unsupported file, and when `out_dir` is not empty and `force` is False;
@@ -99,10 +64,14 @@ def convert_gguf(gguf_path, out_dir, force: bool = False, quantize_bits: int | N
         raise ModelError(f"{gguf_path.name}: GGUF architecture {arch!r} is not supported "
                          f"(supported: {', '.join(ARCHS)})")
     config = _hparams(gguf_path, meta, arch)
-    weights, quant, rope_freqs = _load_weights(gguf_path, reader, config, quantize_bits, keep_float)
+    weights, quant, rope = _load_weights(gguf_path, reader, arch, config, quantize_bits, keep_float)
     _complete_config(config, meta, weights, quant)
-    if rope_freqs is not None:
-        config["rope_scaling"] = llama3_rope_scaling(np.array(rope_freqs, dtype=np.float64), config)
+    if "rope_freqs" in rope:
+        config["rope_scaling"] = llama3_rope_scaling(np.array(rope["rope_freqs"], dtype=np.float64), config)
+    if "rope_factors_long" in rope:  # phi3's LongRoPE (128k context models)
+        config["rope_scaling"] = {"type": "longrope", **{
+            f"{k}_factor": [_f32(x) for x in np.array(rope[f"rope_factors_{k}"]).tolist()]
+            for k in ("long", "short")}}
     tokenizer, tokenizer_config = build_tokenizer(meta)
 
     with atomic_folder(out_dir, force=force, error=ModelError, flag=flag) as tmp:
@@ -113,33 +82,43 @@ def convert_gguf(gguf_path, out_dir, force: bool = False, quantize_bits: int | N
     return out_dir
 
 
-def _read_tensors(reader, keep_float: bool) -> tuple[dict, dict]:
+ROPE_TENSORS = ("rope_freqs", "rope_factors_long", "rope_factors_short")
+
+
+def _read_tensors(reader, arch: str, keep_float: bool) -> tuple[dict, dict]:
     """GGUF name -> mx.array (MLX's `.weight`/`.scales`/`.biases` for quantized matrices), and
     GGUF module -> (group size, bits) for the tensors kept quantized."""
     arrays, specs = {}, {}
+    offset = ARCHS[arch].norm_offset
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the fastest dim first
         stem, _, suffix = t.name.rpartition(".")
-        matrix = suffix == "weight" and len(shape) >= 2
+        matrix = suffix == "weight" and len(shape) >= 2 and stem not in ROPE_TENSORS
+        if stem.endswith("ffn_gate_inp_shexp") and len(shape) == 1:
+            shape, matrix = (1, *shape), False  # HF's Linear(hidden, 1); a float vector in GGUF
         parts, spec = read_tensor(t.name, t.tensor_type.name, t.data, shape, quantize=matrix,
                                   keep_float=keep_float)
+        if offset and t.name.endswith("norm.weight"):  # llama.cpp stored gemma's 1 + w
+            parts["weight"] = parts["weight"] - offset
         arrays.update({f"{stem}.{part}" if part != "weight" else t.name: a for part, a in parts.items()})
         if spec is not None:
             specs[stem] = spec
     return arrays, specs
 
 
-def _load_weights(path: Path, reader, config: dict, quantize_bits: int | None, keep_float: bool):
-    """mlx-lm weights; HF module -> (group_size, bits) or None (float matrix); rope_freqs."""
-    arrays, specs = _read_tensors(reader, keep_float)
-    rope_freqs = arrays.pop("rope_freqs.weight", None)  # Llama 3.1+ rope scaling, see below
-    unknown = sorted(n for n in arrays if hf_name(n) is None)
+def _load_weights(path: Path, reader, arch: str, config: dict, quantize_bits: int | None,
+                  keep_float: bool):
+    """mlx-lm weights; HF module -> (group_size, bits) or None (float matrix); rope tensors."""
+    arrays, specs = _read_tensors(reader, arch, keep_float)
+    rope = {k: arrays.pop(f"{k}.weight") for k in ROPE_TENSORS if f"{k}.weight" in arrays}
+    unknown = sorted(n for n in arrays if hf_name(n, arch) is None)
     if unknown:
-        raise ModelError(f"{path.name}: tensors with no mlx-lm name: {', '.join(unknown)}")
-    permuted = ARCHS[config["model_type"]]["permuted_qk"]
+        raise ModelError(f"{path.name}: tensors with no mlx-lm name for GGUF architecture {arch}: "
+                         f"{', '.join(unknown)}")
+    permuted = ARCHS[arch].permuted_qk
     weights, quant = {}, {}
     for name, a in arrays.items():
-        hf = hf_name(name)
+        hf = hf_name(name, arch)
         module = hf.rpartition(".")[0]
         if permuted and module.endswith(("q_proj", "k_proj")):
             heads = config["num_attention_heads" if module.endswith("q_proj") else "num_key_value_heads"]
@@ -148,7 +127,7 @@ def _load_weights(path: Path, reader, config: dict, quantize_bits: int | None, k
         stem = name.rpartition(".")[0]
         if stem in specs:
             quant[module] = specs[stem]
-        elif hf.endswith(".weight") and a.ndim == 2:
+        elif hf.endswith(".weight") and a.ndim >= 2 and not module.endswith("shared_expert_gate"):
             quant[module] = None
     if quantize_bits:
         for module, spec in quant.items():
@@ -157,7 +136,7 @@ def _load_weights(path: Path, reader, config: dict, quantize_bits: int | None, k
                 q = mx.quantize(w, group_size=GROUP_SIZE, bits=quantize_bits)
                 weights.update(zip([f"{module}.{p}" for p in ("weight", "scales", "biases")], q))
                 quant[module] = (GROUP_SIZE, quantize_bits)
-    return weights, quant, rope_freqs
+    return weights, quant, rope
 
 
 def llama3_rope_scaling(rope_freqs: np.ndarray, config: dict) -> dict:
@@ -195,18 +174,20 @@ def _quantization(quant: dict) -> dict | None:
 def _hparams(path: Path, meta: dict, arch: str) -> dict:
     """The config.json entries that come from `{arch}.*` metadata (flat `rope_theta`)."""
     info = ARCHS[arch]
-    config = {"model_type": info["model_type"], "architectures": info["architectures"]}
+    config = {"model_type": info.model_type, "architectures": list(info.architectures)}
     for key, gguf_key in HPARAMS.items():
         value = meta.get(f"{arch}.{gguf_key}")
         if value is not None:
             config[key] = value
+    if "intermediate_size" not in config and f"{arch}.expert_feed_forward_length" in meta:
+        config["intermediate_size"] = meta[f"{arch}.expert_feed_forward_length"]  # MoE only
     missing = [k for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
                            "num_attention_heads", "rms_norm_eps") if k not in config]
     if missing:
         raise ModelError(f"{path.name}: GGUF metadata lacks "
                          f"{', '.join(f'{arch}.{HPARAMS[k]}' for k in missing)}; re-export the file")
     config.setdefault("num_key_value_heads", config["num_attention_heads"])
-    config.setdefault("rope_theta", info["rope_theta"])
+    config.setdefault("rope_theta", info.rope_theta)
     for key in ("rms_norm_eps", "rope_theta"):  # GGUF floats are float32: 9.99999974e-06 -> 1e-05
         config[key] = _f32(config[key])
     head_dim = meta.get(f"{arch}.attention.key_length")
@@ -219,6 +200,7 @@ def _hparams(path: Path, meta: dict, arch: str) -> dict:
         if scaling == "yarn":
             config["rope_scaling"]["original_max_position_embeddings"] = meta.get(
                 f"{arch}.rope.scaling.original_context_length", config.get("max_position_embeddings"))
+    arch_config(arch, meta, config)
     return config
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from ..errors import ModelError
 from ..files import open_gguf, read_json, tensor_headers
 from ..lora.quant import unpacked_cols
-from .gguf import ARCHS, HPARAMS, hf_name
+from .gguf import HPARAMS
+from .gguf_arch import ARCHS, hf_name
 from .gguf_quants import import_spec
 
 BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
@@ -207,13 +208,13 @@ def _read_gguf(path: Path) -> ModelShapes:
     arch = str(meta.get("general.architecture"))
     if arch not in ARCHS:
         raise ModelError(f"{path.name}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHS)})")
-    config = {"model_type": ARCHS[arch]["model_type"]}
+    config = {"model_type": ARCHS[arch].model_type}
     for key, gkey in HPARAMS.items():
         if f"{arch}.{gkey}" in meta:
             config[key] = meta[f"{arch}.{gkey}"]
     mats, others = [], []
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name is None:
             continue
         shape = [int(s) for s in reversed(t.shape)]
