@@ -9,6 +9,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import tiny
+from gguf_blocks import random_blocks
 from test_gguf import _bpe_tokenizer, _llama_cpp_permute, _logits, _qwen2_tokenizer
 from mlxlora.models.gguf import convert_gguf
 
@@ -64,8 +65,9 @@ def _model(config):
     return model
 
 
-def _write(path, arch, config, model, tok, meta):
-    """The model as llama.cpp's convert_hf_to_gguf.py writes it (float32 tensors)."""
+def _write(path, arch, config, model, tok, meta, types=None):
+    """The model as llama.cpp's convert_hf_to_gguf.py writes it: float32 tensors, or for the GGUF
+    names in `types` random valid blocks of that type (not permuted: qwen/gemma files only)."""
     file_arch = "llama" if arch == "mistral" else arch
     w = gguf.GGUFWriter(str(path), file_arch)
     w.add_name("mistral" if arch == "mistral" else "tiny")  # how transformers tells mistral apart
@@ -101,7 +103,13 @@ def _write(path, arch, config, model, tok, meta):
             a = a + 1  # GemmaModel.modify_tensors: norms stored as 1 + w
         if name.endswith("ffn_gate_inp_shexp.weight"):
             a = a.reshape(-1)  # llama.cpp's shape {n_embd}
-        w.add_tensor(name, a)
+        kind = (types or {}).get(name.split(".")[-2])
+        if kind and a.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][0] == 0:
+            raw = random_blocks(kind, int(np.prod(a.shape[:-1])), a.shape[-1], seed=len(name), peak=0.3)
+            a, kind = raw.reshape(*a.shape[:-1], -1), gguf.GGMLQuantizationType[kind]
+        else:
+            kind = None  # rows too short for the type's blocks: float, as llama-quantize falls back
+        w.add_tensor(name, a, raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -146,3 +154,39 @@ def test_architecture_logits_match_original_and_transformers(tmp_path, bpe, arch
         theirs = peer(torch.tensor([ids])).logits.numpy()
     # float32 round-off of two runtimes: 7.5e-8 (qwen2) to 3.3e-6 (gemma3, logits 3.6) seen
     assert np.abs(got - theirs).max() <= 1e-5 * scale, np.abs(got - theirs).max()
+
+
+# llama-quantize's kind of mix (K-quants, Q8_0 embeddings, float router), exact types only.
+QUANT_MIX = {"token_embd": "Q8_0", "attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q8_0",
+             "attn_output": "IQ4_XS", "ffn_gate": "Q4_K", "ffn_up": "Q5_K", "ffn_down": "Q4_K",
+             "ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q5_K", "ffn_down_exps": "Q4_K"}
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3moe"])
+def test_quantized_architectures_match_transformers_dequantized(tmp_path, bpe, arch):
+    """K-quant blocks (stacked experts too) stay quantized in mlxlora; transformers dequantizes
+    them with gguf-py to float32. Same logits up to mlx-lm's float16 compute (relative to the largest
+    logit: 3.0e-3 seen for gemma3, 4.6e-4 for qwen3moe)."""
+    import mlx.nn as nn
+    import mlx_lm
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    encode, tok = bpe if arch == "gemma3" else _qwen2_tokenizer(bpe[1])
+    overrides, meta = CASES[arch]
+    config = dict(BASE, vocab_size=len(tok["tokens"]), **dict(overrides, hidden_size=256, intermediate_size=512))
+    _write(tmp_path / "q.gguf", arch, config, _model(config), tok, meta, QUANT_MIX)
+    ids = encode("The capital of France is Paris. Hello world! 12345")
+    loaded, _ = mlx_lm.load(str(convert_gguf(tmp_path / "q.gguf", tmp_path / "mlx")))
+    quantized = {p for p, m in loaded.named_modules() if hasattr(m, "bits")}
+    assert {"model.layers.1.self_attn.q_proj", "model.embed_tokens"} <= quantized
+    if arch == "qwen3moe":
+        assert loaded.model.layers[0].mlp.switch_mlp.up_proj.bits == 5
+        assert isinstance(loaded.model.layers[0].mlp.gate, nn.Linear) and not hasattr(loaded.model.layers[0].mlp.gate, "bits")
+    got = _logits(loaded, ids)
+    peer = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        theirs = peer(torch.tensor([ids])).logits.numpy()
+    err = np.abs(got - theirs).max() / np.abs(theirs).max()
+    assert err <= 1e-2, err

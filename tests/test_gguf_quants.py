@@ -114,3 +114,20 @@ def test_other_types_are_one_line_errors(kind):
     with pytest.raises(ModelError, match=rf"blk\.3\.ffn_up\.weight has type {kind}.*re-quantize") as e:
         read_tensor("blk.3.ffn_up.weight", kind, np.zeros((1, 66), np.uint8), (1, 256))
     assert "\n" not in str(e.value)
+
+
+def test_file_with_an_unsupported_type_names_file_tensor_and_type(tmp_path):
+    from mlxlora.models.gguf import convert_gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "iq2.gguf"), "llama")
+    for add, value in [("embedding_length", 256), ("block_count", 1), ("feed_forward_length", 4),
+                       ("head_count", 4), ("layer_norm_rms_eps", 1e-5)]:
+        getattr(w, f"add_{add}")(value)
+    w.add_tensor("blk.0.ffn_up.weight", np.zeros((4, 66), np.uint8), raw_dtype=Q.IQ2_XXS)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelError, match=r"^iq2\.gguf: .*blk\.0\.ffn_up\.weight has type IQ2_XXS") as e:
+        convert_gguf(tmp_path / "iq2.gguf", tmp_path / "out")
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()

@@ -109,7 +109,10 @@ def _read_tensors(reader, arch: str, keep_float: bool) -> tuple[dict, dict]:
 def _load_weights(path: Path, reader, arch: str, config: dict, quantize_bits: int | None,
                   keep_float: bool):
     """mlx-lm weights; HF module -> (group_size, bits) or None (float matrix); rope tensors."""
-    arrays, specs = _read_tensors(reader, arch, keep_float)
+    try:
+        arrays, specs = _read_tensors(reader, arch, keep_float)
+    except ModelError as e:  # a tensor type with no import: name the file too
+        raise ModelError(f"{path.name}: {e}") from None
     rope = {k: arrays.pop(f"{k}.weight") for k in ROPE_TENSORS if f"{k}.weight" in arrays}
     unknown = sorted(n for n in arrays if hf_name(n, arch) is None)
     if unknown:
