@@ -437,3 +437,18 @@ def test_demo_model_matches_transformers_gguf_loader():
     got = _logits(model, ids)
     assert np.abs(got - want).max() <= 0.1
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_cli_convert_keep_float(tmp_path, bpe):
+    """`mlxlora convert --model x.gguf --keep-float`: Q6_K comes in as float16, not 8-bit groups."""
+    _, tok = bpe
+    model, config = _tiny_model("llama", len(tok["tokens"]), hidden_size=256, intermediate_size=256)
+    _write_gguf(tmp_path / "m.gguf", "llama", config, model, tok, _mixed_types())
+    for flag, want in (([], {"group_size": 32, "bits": 8}), (["--keep-float"], False)):
+        out = tmp_path / f"out{len(flag)}"
+        res = tiny.run_cli("convert", "--model", tmp_path / "m.gguf", "--out", out, *flag)
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "config.json").read_text())["quantization"]["lm_head"] == want
+    res = tiny.run_cli("convert", "--model", tmp_path / "out0", "--out", tmp_path / "x", "--keep-float")
+    tiny.one_line_error(res, "--keep-float", ".gguf")
+    assert not (tmp_path / "x").exists()

@@ -65,7 +65,7 @@ def _model(config):
     return model
 
 
-def _write(path, arch, config, model, tok, meta, types=None):
+def _write(path, arch, config, model, tok, meta, types=None, extra=None):
     """The model as llama.cpp's convert_hf_to_gguf.py writes it: float32 tensors, or for the GGUF
     names in `types` random valid blocks of that type (not permuted: qwen/gemma files only)."""
     file_arch = "llama" if arch == "mistral" else arch
@@ -110,6 +110,8 @@ def _write(path, arch, config, model, tok, meta, types=None):
         else:
             kind = None  # rows too short for the type's blocks: float, as llama-quantize falls back
         w.add_tensor(name, a, raw_dtype=kind)
+    for name, a in (extra or {}).items():
+        w.add_tensor(f"{name}.weight", a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -190,3 +192,25 @@ def test_quantized_architectures_match_transformers_dequantized(tmp_path, bpe, a
         theirs = peer(torch.tensor([ids])).logits.numpy()
     err = np.abs(got - theirs).max() / np.abs(theirs).max()
     assert err <= 1e-2, err
+
+
+@pytest.mark.peer
+def test_phi3_longrope_factors_become_rope_scaling(tmp_path, bpe):
+    """128k phi3 files carry LongRoPE as rope_factors_long/short tensors (head_dim/2 each) and the
+    original context in metadata; mlx-lm's SuScaledRoPE reads them back from config.json."""
+    import mlx_lm
+
+    encode, tok = bpe
+    overrides, meta = CASES["phi3"]
+    scaling = {"type": "longrope", "long_factor": [1.0, 1.25, 1.5, 2.0, 3.0, 4.5, 6.0, 8.0],
+               "short_factor": [1.0, 1.0, 1.125, 1.25, 1.5, 1.75, 2.0, 2.5]}
+    config = dict(BASE, vocab_size=len(tok["tokens"]), **overrides, rope_scaling=scaling,
+                  original_max_position_embeddings=16)
+    model = _model(config)
+    extra = {f"rope_factors_{k}": np.array(scaling[f"{k}_factor"], np.float32) for k in ("long", "short")}
+    _write(tmp_path / "p.gguf", "phi3", config, model, tok, dict(meta, rope_scaling_orig_ctx_len=16), extra=extra)
+    loaded, _, cfg = mlx_lm.load(str(convert_gguf(tmp_path / "p.gguf", tmp_path / "mlx")), return_config=True)
+    assert cfg["rope_scaling"] == scaling and cfg["original_max_position_embeddings"] == 16
+    ids = encode("The capital of France is Paris. Hello world! 12345")  # longer than 16: long factors
+    assert len(ids) > 16
+    assert np.abs(_logits(loaded, ids) - _logits(model, ids)).max() <= 1e-6
