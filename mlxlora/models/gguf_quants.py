@@ -11,6 +11,8 @@ README give the error against the file's own rounding step), or kept float16 on 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import ModelError
@@ -124,13 +126,16 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     [bits*i, bits*(i+1)) of the row's little-endian bit stream."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     if bits == 8:
-        packed = codes
-    elif bits == 4:
-        packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    else:
-        stream = (codes[..., None] >> np.arange(bits, dtype=np.uint8)) & 1  # (..., n, bits)
-        packed = np.packbits(stream.reshape(*codes.shape[:-1], -1), axis=-1, bitorder="little")
-    return np.ascontiguousarray(packed).view("<u4")
+        return codes.view("<u4")
+    if bits == 4:
+        return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4)).view("<u4")
+    per = math.lcm(bits, 8) // bits  # values per whole run of bytes: 8 (3, 5 bits), 4 (6), 2 (4)...
+    runs = codes.reshape(*codes.shape[:-1], -1, per)
+    acc = np.zeros(runs.shape[:-1], "<u8")
+    for i in range(per):
+        acc |= runs[..., i].astype(np.uint64) << np.uint64(bits * i)
+    packed = acc[..., None].view(np.uint8)[..., : per * bits // 8]  # little-endian bytes of each run
+    return np.ascontiguousarray(packed).reshape(*codes.shape[:-1], -1).view("<u4")
 
 
 def read_tensor(name: str, kind: str, data: np.ndarray, shape: tuple, quantize: bool = True,
