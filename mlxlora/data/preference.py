@@ -17,6 +17,7 @@ which KTO uses to estimate the policy's KL from the reference.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ..errors import ConfigError, DataError, RowError
@@ -39,7 +40,7 @@ class PreferenceSplit:
     template: str | None = None
     template_text: str | None = None
 
-    @property
+    @cached_property
     def samples(self) -> list[Sample]:
         """Every sample, the first of each item then the second (how a batch is laid out)."""
         return [a for a, _ in self.items] + [b for _, b in self.items]

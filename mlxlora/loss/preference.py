@@ -26,11 +26,12 @@ METRICS = ("accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_log
 
 
 def sequence_logps(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array,
-                   rows: mx.array | None = None) -> tuple[mx.array, mx.array]:
+                   rows: mx.array | None = None, full: mx.array | None = None):
     """Per-row summed log-probability of the target tokens under mask, and the number of those tokens.
 
     inputs/targets/mask: (N, L); rows: the head's loss positions (head.target_rows) or None.
-    Returns (logps (N,), tokens (N,)), float32.
+    Returns (logps (N,), tokens (N,)), float32; with `full` (N, L), a second mask (ORPO's NLL over the
+    whole sequence; rows must be None then), also (full_logps (N,), full_tokens (N,)).
     """
     n, length = targets.shape
     if rows is not None:
@@ -42,9 +43,14 @@ def sequence_logps(model: nn.Module, inputs: mx.array, targets: mx.array, mask: 
     else:
         tgt, m, seq = targets.reshape(-1), mask.reshape(-1), mx.arange(n * length) // length
     logits = logits.reshape(-1, logits.shape[-1]).astype(mx.float32)  # (R, V)
-    token_logps = -nn.losses.cross_entropy(logits, tgt) * m  # (R,)
+    token_logps = -nn.losses.cross_entropy(logits, tgt)  # (R,)
     owner = (seq[:, None] == mx.arange(n)[None]).astype(mx.float32)  # (R, N): which row a position belongs to
-    return token_logps @ owner, m.astype(mx.float32) @ owner
+    m = m.astype(mx.float32)
+    out = ((token_logps * m) @ owner, m @ owner)
+    if full is None:
+        return out
+    f = full.reshape(-1).astype(mx.float32)
+    return out + ((token_logps * f) @ owner, f @ owner)
 
 
 def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid",
@@ -109,14 +115,18 @@ def _log1mexp(x):
     return mx.where(x > -0.6931471805599453, mx.log(-mx.expm1(x)), mx.log1p(-mx.exp(x)))
 
 
-def preference_sums(model: nn.Module, inputs, targets, mask, rows, ref, weight, label, *, cfg):
+def preference_sums(model: nn.Module, inputs, targets, mask, rows, real, ref, weight, label, *, cfg):
     """(sum of per-item losses, number of items, metric sums (len(METRICS),)) for one batch of 2B rows.
 
-    ref (2B,): the reference's summed log-probs of the same rows (zeros for reference-free methods);
+    real (2B, L): 1 on every predicted token of a row (prompt included), 0 on padding: ORPO's NLL is over
+    the whole chosen sequence, as TRL's ORPOTrainer computes it. ref (2B,): the reference's summed log-probs of the same rows (zeros for reference-free methods);
     weight (B,): 1 for a real item, 0 for a filler (a rank the batch did not reach); label (B,): KTO's
     desirability (ignored otherwise). cfg: the PreferenceConfig.
     """
-    logps, tokens = sequence_logps(model, inputs, targets, mask, rows)
+    if cfg.method == "orpo":
+        logps, tokens, full_logps, full_tokens = sequence_logps(model, inputs, targets, mask, None, real)
+    else:
+        logps, tokens = sequence_logps(model, inputs, targets, mask, rows)
     b = weight.shape[0]
     first, second, n1, n2 = logps[:b], logps[b:], tokens[:b], tokens[b:]
     count = weight.sum()
@@ -142,7 +152,8 @@ def preference_sums(model: nn.Module, inputs, targets, mask, rows, ref, weight, 
             losses, cr, rr = simpo_loss(avg1, avg2, cfg.beta, cfg.gamma, cfg.label_smoothing)
         elif method == "orpo":
             terms, cr, rr = orpo_loss(avg1, avg2, cfg.beta)
-            nll = -(first * weight).sum() / mx.maximum((n1 * weight).sum(), 1)  # token mean over chosen completions
+            # token mean over the chosen sequences, prompt included (TRL's ORPOTrainer)
+            nll = -(full_logps[:b] * weight).sum() / mx.maximum((full_tokens[:b] * weight).sum(), 1)
             losses = nll - terms  # summed over items and divided by their count: nll - mean(terms)
         else:
             raise ValueError(f"preference_sums: unknown method {method!r}")

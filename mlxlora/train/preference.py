@@ -27,14 +27,18 @@ from .checkpoint import TrainerState
 
 
 def collate_items(split: PreferenceSplit, idxs: list[int], pad_multiple: int, pad_id: int, ref: np.ndarray | None):
-    """Items idxs as the batch preference_sums takes: (inputs, targets, mask, rows, ref, weight, label)."""
+    """Items idxs as the batch preference_sums takes: (inputs, targets, mask, rows, real, ref, weight, label)."""
     n = len(split.items)
     both = list(idxs) + [n + i for i in idxs]  # firsts, then seconds (split.samples' order)
-    inputs, targets, mask = D.collate(split.samples, both, pad_multiple, pad_id)  # (2B, L)
+    samples = split.samples
+    inputs, targets, mask = D.collate(samples, both, pad_multiple, pad_id)  # (2B, L)
+    real = np.zeros_like(mask)
+    for row, i in enumerate(both):
+        real[row, :len(samples[i].ids) - 1] = 1.0
     arrays = to_batch(inputs, targets, mask)
     ref_v = ref[both] if ref is not None else np.zeros(len(both), np.float32)
     label = np.array([split.labels[i] for i in idxs] if split.labels is not None else [False] * len(idxs))
-    return (arrays[0], arrays[1], arrays[2], arrays[4], mx.array(ref_v.astype(np.float32)),
+    return (arrays[0], arrays[1], arrays[2], arrays[4], mx.array(real), mx.array(ref_v.astype(np.float32)),
             mx.ones((len(idxs),), dtype=mx.float32), mx.array(label))
 
 
@@ -72,7 +76,7 @@ class PairPlan:
             part = batch[self.rank * b:(self.rank + 1) * b]
             arrays = collate_items(self.split, part or batch[:1], cfg.pad_multiple, self.pad_id, self.ref)
             if not part:  # the epoch's last global batch may not reach every rank: join with zero weight
-                arrays = arrays[:5] + (mx.zeros_like(arrays[5]),) + arrays[6:]
+                arrays = arrays[:6] + (mx.zeros_like(arrays[6]),) + arrays[7:]
             out.append(arrays)
         return out, real
 
