@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import SCHEDULES, TrainConfig
+from ..config import DPO_LOSS_TYPES, METHODS, SCHEDULES, TrainConfig
 from .options import DTYPE, QUANTIZE, default
 
 
@@ -50,6 +50,22 @@ def train_options(f):
                      help="Stop when validation loss has not improved for PATIENCE validations."),
         click.option("--ignore-base-mismatch", is_flag=True, default=None,
                      help="--resume even if the base differs from the one the checkpoint was trained on."),
+        click.option("--method", type=click.Choice(list(METHODS)),
+                     help=f"Objective: sft (token loss), dpo / orpo / simpo (chosen/rejected pairs), kto (rows "
+                     f"labelled good/bad), grpo (online). {default(TrainConfig, 'method')}"),
+        click.option("--beta", type=float, help="DPO/KTO inverse temperature, ORPO's lambda, SimPO's reward scale. "
+                     + default(TrainConfig, "beta")),
+        click.option("--loss-type", type=click.Choice(list(DPO_LOSS_TYPES)),
+                     help=f"DPO loss. {default(TrainConfig, 'loss_type')}"),
+        click.option("--label-smoothing", type=float,
+                     help=f"Share of flipped labels assumed (dpo sigmoid, simpo). {default(TrainConfig, 'label_smoothing')}"),
+        click.option("--gamma", type=float, help=f"SimPO's target reward margin. {default(TrainConfig, 'gamma')}"),
+        click.option("--desirable-weight", type=float, help=f"KTO weight of label-true rows. "
+                     f"{default(TrainConfig, 'desirable_weight')}"),
+        click.option("--undesirable-weight", type=float, help=f"KTO weight of label-false rows. "
+                     f"{default(TrainConfig, 'undesirable_weight')}"),
+        click.option("--init-adapter", help="Start from this adapter folder (e.g. an SFT run); for dpo/kto it is "
+                     "also the frozen reference."),
         click.option("--dtype", type=DTYPE, help="Compute dtype (default float32 on CPU)."),
         click.option("--resume", help="Continue from a checkpoint or an adapter folder with checkpoints/."),
         click.option("--force", is_flag=True, default=None, help="Replace an existing adapter folder."),

@@ -166,3 +166,37 @@ def print_trainable_parameters(model: nn.Module) -> str:
     line = f"trainable params: {t:,} || all params: {n:,} || trainable%: {100 * t / max(n, 1):.4f}"
     print(line)
     return line
+
+
+class adapters_off:
+    """Context: the model runs as its bare base (each adapter layer swapped for the layer it wraps), then the
+    adapter layers come back unchanged. No weights are copied: this is the base a reference pass needs."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.layers = model, adapter_layers(model)
+
+    def __enter__(self):
+        if self.layers:
+            self.model.update_modules(tree_unflatten([(p, base_of(m)) for p, m in self.layers]))
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.layers:
+            self.model.update_modules(tree_unflatten(self.layers))
+
+
+class adapter_tensors:
+    """Context: the adapter layers hold `tensors` ({path: array}, as adapter_parameters gives), then their own
+    tensors again. Swaps references only: a frozen reference adapter costs one copy of the adapter, not of
+    the base."""
+
+    def __init__(self, model: nn.Module, tensors: dict[str, mx.array]):
+        self.model, self.tensors = model, tensors
+
+    def __enter__(self):
+        self.saved = adapter_parameters(self.model)
+        self.model.load_weights(list(self.tensors.items()), strict=False)
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.load_weights(list(self.saved.items()), strict=False)

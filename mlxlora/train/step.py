@@ -49,18 +49,24 @@ class Stepper:
 
     time_comm = False
 
-    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, clip_grad: float | None, group=None):
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, clip_grad: float | None, group=None,
+                 loss_fn=loss_sums):
         """group: an mx.distributed group of size > 1 sums gradients and token counts across ranks,
-        so every rank applies the same update (data parallel); None or size 1 trains alone."""
+        so every rank applies the same update (data parallel); None or size 1 trains alone.
+
+        loss_fn(model, *batch) -> (summed loss, count[, metric sums (K,)]): the objective (SFT's token
+        cross-entropy by default; loss/preference.py's preference_sums). The update divides by the summed
+        count; metric sums are summed like the loss and left in `self.metrics` after each step."""
         self.model, self.optimizer = model, optimizer
         self.group = group if group is not None and group.size() > 1 else None
-        vg = nn.value_and_grad(model, loss_sums)
+        vg = nn.value_and_grad(model, loss_fn)
 
         # model.state is an output too: value_and_grad swaps traced parameters into the model.
         @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
-        def micro(*batch):  # (inputs, targets, mask[, segments[, rows]]), see loss_sums
-            (lsum, ntok), grads = vg(model, *batch)
-            return lsum, ntok, grads
+        def micro(*batch):  # (inputs, targets, mask[, segments[, rows]]) for loss_sums
+            out, grads = vg(model, *batch)
+            extra = out[2] if len(out) > 2 else mx.zeros((0,), dtype=mx.float32)
+            return out[0], out[1], extra, grads
 
         @partial(mx.compile, inputs=[model.state, optimizer.state], outputs=[model.state, optimizer.state])
         def update(grads, ntok):
@@ -73,6 +79,7 @@ class Stepper:
             return norm
 
         self.micro, self.update = micro, update
+        self.metrics = None
         self.comm_seconds, self.comm_bytes, self.comm_calls = 0.0, 0, 0
 
     def step(self, batches) -> tuple[mx.array, mx.array, mx.array]:
@@ -81,21 +88,22 @@ class Stepper:
         Returns (mean loss, target tokens, grad norm), unevaluated; with several micro-batches
         each one is evaluated before the next so only one holds activations at a time.
         """
-        total_l, total_n, acc = None, None, None
+        total_l, total_n, total_m, acc = None, None, None, None
         for batch in batches:
-            lsum, ntok, grads = self.micro(*batch)
+            lsum, ntok, extra, grads = self.micro(*batch)
             if acc is None:
-                total_l, total_n, acc = lsum, ntok, grads
+                total_l, total_n, total_m, acc = lsum, ntok, extra, grads
             else:
-                total_l, total_n = total_l + lsum, total_n + ntok
+                total_l, total_n, total_m = total_l + lsum, total_n + ntok, total_m + extra
                 acc = tree_map(mx.add, acc, grads)
             if len(batches) > 1:
                 # Evaluate each micro-batch so its activations are freed before the next one.
-                mx.eval(total_l, total_n, acc)
+                mx.eval(total_l, total_n, total_m, acc)
         if self.group is not None and self.time_comm:
-            total_l, total_n, acc = self._timed_all_sum((total_l, total_n, acc))
+            total_l, total_n, total_m, acc = self._timed_all_sum((total_l, total_n, total_m, acc))
         elif self.group is not None:
-            total_l, total_n, acc = all_sum_tree((total_l, total_n, acc), self.group)
+            total_l, total_n, total_m, acc = all_sum_tree((total_l, total_n, total_m, acc), self.group)
+        self.metrics = total_m
         ntok = mx.maximum(total_n, 1)
         norm = self.update(acc, ntok)
         return total_l / ntok, total_n, norm
