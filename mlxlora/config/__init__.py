@@ -8,6 +8,7 @@ choices and checks they share. Each validates itself in `__post_init__`, naming 
 
 from .choices import (ALL_LINEAR, BITS, DTYPE_NAMES, FUSE_STRATEGIES, GROUP_SIZES, SCHEDULES, SIZE_UNITS, check_bits,
                       check_dtype, given, parse_size)
+from .evaluate import DEFAULT_METRICS, BenchmarkConfig, GenerativeEvalConfig
 from .lora import LoraConfig
 from .run import EvalConfig, ExportConfig, FuseConfig, GenerateConfig, ServeConfig
 from .train import FLAG_FIELDS, TrainConfig, build_train_config, load_config_file
@@ -15,4 +16,4 @@ from .train import FLAG_FIELDS, TrainConfig, build_train_config, load_config_fil
 __all__ = ["ALL_LINEAR", "BITS", "DTYPE_NAMES", "FUSE_STRATEGIES", "GROUP_SIZES", "SCHEDULES", "SIZE_UNITS",
            "check_bits", "check_dtype", "given", "parse_size", "LoraConfig", "EvalConfig", "ExportConfig",
            "FuseConfig", "GenerateConfig", "ServeConfig", "FLAG_FIELDS", "TrainConfig", "build_train_config",
-           "load_config_file"]
+           "load_config_file", "DEFAULT_METRICS", "BenchmarkConfig", "GenerativeEvalConfig"]
