@@ -87,8 +87,11 @@ def run_evaluation(model, adapters, quantize, data, generate: bool, tasks, opts:
 def _generate(model, specs, quantize, data, cfg, load_base) -> None:
     from ..evaluate import check_report_paths, format_tables, generative_eval, resolve_metrics, write_report
 
+    from ..data.sources import prepare_data
+
     resolve_metrics(cfg.metrics)  # an unknown metric or a missing library fails before the model loads
     check_report_paths(cfg.out, cfg.force)
+    data = prepare_data(data)  # a Hub id or `datasets` folder: its test split as JSONL (data/sources.py)
     base = load_base(model, quantize=quantize_bits(quantize))
     base.model.eval()
 
