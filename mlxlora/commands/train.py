@@ -13,7 +13,11 @@ def train_options(f):
     opts = [
         click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file; keys are these flag names."),
         click.option("--model", help="Model folder (HF or MLX), .gguf file, or hub id."),
-        click.option("--data", help="Folder with train.jsonl / valid.jsonl / test.jsonl."),
+        click.option("--data", multiple=True, metavar="SOURCE[:WEIGHT]",
+                     help="Folder with train.jsonl / valid.jsonl / test.jsonl, a .jsonl file, a `datasets` folder, "
+                          "or a Hub dataset ORG/NAME[:CONFIG]; repeat with :WEIGHT for a mixture."),
+        click.option("--split-map", help="Our split = the dataset's, e.g. valid=validation,test=test."),
+        click.option("--columns", help="Our field = the dataset's column, e.g. prompt=instruction,completion=output."),
         click.option("--train-file", help="Explicit training .jsonl (overrides --data)."),
         click.option("--valid-file", help="Explicit validation .jsonl."),
         click.option("--adapter-path", help=f"Output adapter folder. {default(TrainConfig, 'adapter_path')}"),
@@ -87,6 +91,7 @@ def train(config_file, resume, **flags):
 
     if flags.get("quantize") is not None:
         flags["quantize"] = int(flags["quantize"])
+    flags["data"] = list(flags.get("data") or ()) or None
     file_values = load_config_file(config_file) if config_file else None
     stored = None
     if resume is not None:  # the checkpoint's own config fills what is not given: --resume DIR alone works

@@ -19,7 +19,9 @@ class TrainConfig:
     """Everything `mlxlora train` needs. Field names are the CLI flag names with '-' -> '_'."""
 
     model: str | None = None
-    data: str | None = None
+    data: str | list[str] | None = None  # several: a weighted mixture (mlxlora.data.sources)
+    split_map: str | None = None  # "valid=validation,test=test": our split = the dataset's
+    columns: str | None = None  # "prompt=instruction,completion=output": our field = the dataset's column
     train_file: str | None = None
     valid_file: str | None = None
     adapter_path: str = "adapters"
@@ -59,6 +61,9 @@ class TrainConfig:
             self.lora = LoraConfig.from_dict(self.lora)
         if isinstance(self.preference, dict):
             self.preference = PreferenceConfig(**self.preference)
+        if isinstance(self.data, (list, tuple)):
+            self.data = (None if not self.data else self.data[0] if len(self.data) == 1 else
+                         [str(d) for d in self.data])
         if self.quantize not in (None, *BITS):
             raise choice_error("--quantize", self.quantize, BITS)
         for name in ("batch_size", "grad_accum", "max_seq_length", "pad_multiple", "val_every",

@@ -188,8 +188,13 @@ def tokenizer_template(info: TokenizerInfo) -> str | None:
     return t if isinstance(t, str) else None
 
 
-def read_rows(path: Path):
-    """Yield (line number, parsed JSON value) for each non-blank line; DataError "path:line: ..." otherwise."""
+def read_rows(path: str | Path):
+    """(line number, parsed JSON value) for each non-blank line of a JSONL file; DataError naming file:line."""
+    yield from _read_rows(Path(path))
+
+
+def _read_rows(path: Path):
+    # Yields (line number, parsed JSON value) for each non-blank line.
     problem = path_problem(path)
     if problem:  # a FIFO would block the read forever; a link loop reads as "does not exist"
         raise DataError(f"{path} {problem}")
@@ -282,6 +287,11 @@ def _string(row: dict, key: str) -> str:
     if not isinstance(value, str):
         raise RowError(f"{key!r} must be a string, got {_json_type(value)}")
     return value
+
+
+def check_messages(row: dict) -> list[dict]:
+    """A chat row's messages, checked as training checks them; RowError (no file/line) when malformed."""
+    return _messages(row)
 
 
 def _messages(row: dict) -> list[dict]:

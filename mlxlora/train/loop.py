@@ -16,6 +16,7 @@ from .. import data as D
 from ..adapters import load_adapter, load_adapter_weights, save_adapter
 from ..config import TrainConfig
 from ..data.batches import pad_id
+from ..data.sources import prepare_data
 from ..errors import AdapterError, ConfigError, TrainingStopped
 from ..adapters import RECORD_FILE
 from ..files import read_json_or_empty, write_failure
@@ -69,7 +70,9 @@ class Trainer:
             raise ConfigError("--method grpo is not available in this build yet; use sft, dpo, orpo, simpo or kto")
         if cfg.pack and self.method != "sft":
             raise ConfigError(f"--pack: --method {self.method} keeps both samples of an item whole; drop --pack")
-        files = D.find_split_files(cfg.data, cfg.train_file, cfg.valid_file)
+        # Hub / `datasets` sources, other row shapes and mixtures: prepared once as a JSONL folder (data/sources.py)
+        data = prepare_data(cfg.data, cfg.split_map, cfg.columns, cfg.seed) if cfg.data is not None else None
+        files = D.find_split_files(data, cfg.train_file, cfg.valid_file)
         self.base = base or load_base(cfg.model, quantize=cfg.quantize, group_size=cfg.q_group_size, dtype=cfg.dtype)
         tok = self.base.tokenizer
         if self.method == "sft":
