@@ -22,7 +22,9 @@ from ..files import read_json_or_empty, write_failure
 from ..formats.record import nonfinite_tensors
 from ..inference import evaluate
 from ..lora.surgery import count_parameters, get_lora_model
+from ..loss.chunked import model_chunk_rows
 from ..models import Base, describe_base, load_base
+from ..plan import machine_memory
 from .batches import BatchPlan
 from .checkpoint import (TrainerState, best_checkpoint, latest_checkpoint, latest_path, list_checkpoints,
                          load_trainer_state, remove_stale_temps, save_checkpoint, write_final)
@@ -120,7 +122,9 @@ class Trainer:
             except OSError as e:
                 raise AdapterError(f"--adapter-path {self.out}: cannot create {self.run_dir} ({write_failure(e)}); "
                                    "choose another --adapter-path") from None
-        stepper = Stepper(model, optimizer, cfg.clip_grad, group=self.group)
+        # the loss's chunk of tokens: sized from the head's vocabulary and this machine's memory
+        chunk = model_chunk_rows(model, machine_memory()[0])
+        stepper = Stepper(model, optimizer, cfg.clip_grad, group=self.group, chunk=chunk)
         trainable, n_params = count_parameters(model)
         self.progress.start(total, st.step, trainable, n_params, self.train_split.stats, cfg)
         base_val = None

@@ -49,12 +49,14 @@ class Stepper:
 
     time_comm = False
 
-    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, clip_grad: float | None, group=None):
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, clip_grad: float | None, group=None,
+                 chunk: int | None = None):
         """group: an mx.distributed group of size > 1 sums gradients and token counts across ranks,
-        so every rank applies the same update (data parallel); None or size 1 trains alone."""
+        so every rank applies the same update (data parallel); None or size 1 trains alone.
+        chunk: tokens per chunk of the loss (loss.tokens.loss_sums; None: from the vocabulary, 0: plain)."""
         self.model, self.optimizer = model, optimizer
         self.group = group if group is not None and group.size() > 1 else None
-        vg = nn.value_and_grad(model, loss_sums)
+        vg = nn.value_and_grad(model, partial(loss_sums, chunk=chunk))
 
         # model.state is an output too: value_and_grad swaps traced parameters into the model.
         @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
