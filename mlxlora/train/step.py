@@ -145,15 +145,50 @@ def grad_checkpoint_blocks(model: nn.Module) -> int:
 _CKPT: dict[type, type] = {}
 
 
+def checkpointed_call(block: nn.Module, call, x: mx.array) -> mx.array:
+    """call(x) (the block's forward) with its activations recomputed in the backward, block by block.
+
+    Like mx.checkpoint, the backward recomputes the block from its input, tied to the cotangent so
+    mx.compile cannot merge the recomputation with the forward. Unlike it, the block's input gradient
+    is made to depend on the block's adapter gradients: otherwise the lazy graph evaluates the chain of
+    input gradients first (the first block's adapters are the first outputs) and every block's
+    recomputed activations that only an adapter gradient needs (down_proj's (T, I) input) stay alive
+    until the whole backward is done. Only (x, trainable parameters) are inputs: other arguments
+    (mask, cache) are closed over and get no gradient.
+    """
+    flat = tree_flatten(block.trainable_parameters())
+    names, values = [k for k, _ in flat], [v for _, v in flat]
+
+    def run(x, params):
+        saved = dict(tree_flatten(block.trainable_parameters()))
+        block.update(tree_unflatten(list(zip(names, params))))
+        try:
+            return call(x)
+        finally:
+            block.update(tree_unflatten(list(saved.items())))
+
+    @mx.custom_function
+    def f(x, *params):
+        return run(x, params)
+
+    @f.vjp
+    def f_vjp(primals, cotangent, output):
+        primals = mx.depends(list(primals), [cotangent])
+        _, grads = mx.vjp(lambda x, *p: [run(x, p)], primals, [cotangent])
+        dx, *dparams = grads
+        if dparams:
+            (dx,) = mx.depends([dx], dparams)  # this block's adapter gradients first: then its buffers go
+        return [dx, *dparams]
+
+    return f(x, *values)
+
+
 def _checkpointed(cls: type) -> type:
     if getattr(cls, "_mlxlora_checkpointed", False):
         return cls
     if cls not in _CKPT:
-        def __call__(self, *args, **kwargs):
-            def inner(params, *a):
-                self.update(params)
-                return cls.__call__(self, *a, **kwargs)
-            return mx.checkpoint(inner)(self.trainable_parameters(), *args)
+        def __call__(self, x, *args, **kwargs):
+            return checkpointed_call(self, lambda h: cls.__call__(self, h, *args, **kwargs), x)
 
         _CKPT[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__, "_mlxlora_checkpointed": True})
     return _CKPT[cls]
