@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 import math
 import shutil
 import time
@@ -23,8 +24,10 @@ from ..files import read_json_or_empty, write_failure
 from ..formats.record import nonfinite_tensors
 from ..inference import evaluate
 from ..lora.surgery import adapter_parameters, count_parameters, get_lora_model
+from ..loss.chunked import model_chunk_rows
 from ..loss.tokens import loss_sums
 from ..models import Base, describe_base, load_base
+from ..plan import machine_memory
 from .batches import BatchPlan
 from .checkpoint import (TrainerState, best_checkpoint, latest_checkpoint, latest_path, list_checkpoints,
                          load_trainer_state, remove_stale_temps, save_checkpoint, write_final)
@@ -148,8 +151,10 @@ class Trainer:
                                    "choose another --adapter-path") from None
         if cfg.preference.needs_reference:
             self._reference(model)
-        stepper = Stepper(model, optimizer, cfg.clip_grad, group=self.group,
-                          loss_fn=loss_sums if self.method == "sft" else P.loss_fn(cfg))
+        # the loss's chunk of tokens: sized from the head's vocabulary and this machine's memory
+        chunk = model_chunk_rows(model, machine_memory()[0])
+        loss_fn = partial(loss_sums, chunk=chunk) if self.method == "sft" else P.loss_fn(cfg)
+        stepper = Stepper(model, optimizer, cfg.clip_grad, group=self.group, loss_fn=loss_fn)
         trainable, n_params = count_parameters(model)
         self.progress.start(total, st.step, trainable, n_params, self.train_split.stats, cfg)
         base_val = None
