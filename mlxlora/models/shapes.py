@@ -15,7 +15,9 @@ from pathlib import Path
 from ..errors import ModelError
 from ..files import open_gguf, read_json, tensor_headers
 from ..lora.quant import unpacked_cols
-from .gguf import ARCHS, GROUP_SIZE, HPARAMS, MX_QUANTIZED, hf_name
+from .gguf import HPARAMS
+from .gguf_arch import ARCHS, hf_name
+from .gguf_quants import import_spec
 
 BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
          "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -206,23 +208,23 @@ def _read_gguf(path: Path) -> ModelShapes:
     arch = str(meta.get("general.architecture"))
     if arch not in ARCHS:
         raise ModelError(f"{path.name}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHS)})")
-    config = {"model_type": ARCHS[arch]["model_type"]}
+    config = {"model_type": ARCHS[arch].model_type}
     for key, gkey in HPARAMS.items():
         if f"{arch}.{gkey}" in meta:
             config[key] = meta[f"{arch}.{gkey}"]
     mats, others = [], []
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name is None:
             continue
         shape = [int(s) for s in reversed(t.shape)]
         kind = t.tensor_type.name
-        bits = MX_QUANTIZED.get(kind)
+        spec = import_spec(kind)
         if len(shape) == 2 and name.endswith(".weight"):
             module = name.rpartition(".")[0]
             mats.append(Matrix(module, "embedding" if "embed" in module else "linear", *shape,
-                               "F16" if bits or kind not in ("F32", "BF16") else kind,
-                               bits, GROUP_SIZE if bits else None))
+                               "F16" if spec or kind not in ("F32", "BF16") else kind,
+                               spec and spec[1], spec and spec[0]))
         else:
             others.append((name, math.prod(shape), "F32" if kind == "F32" else "F16"))
     config["vocab_size"] = next(m.rows for m in mats if m.kind == "embedding")
