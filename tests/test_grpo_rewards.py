@@ -55,7 +55,8 @@ def test_user_rewards_from_a_file_and_a_module(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = GRPOConfig(rewards=(f"{f}:starts_with_a:2", "my_rewards:uses_answer"))
     rs = parse_rewards(cfg)
-    assert [(r.name, r.weight) for r in rs] == [(f"{f}:starts_with_a", 2.0), ("my_rewards:uses_answer", 1.0)]
+    assert [(r.name, r.weight, r.spec) for r in rs] == [("starts_with_a", 2.0, f"{f}:starts_with_a:2"),
+                                                        ("uses_answer", 1.0, "my_rewards:uses_answer")]
     out = score(rs, ["p", "p"], ["ab", "xyz"], [[1], [2]], {"answer": ["2", "3"], "level": [0.5, 3.0]})
     assert np.isnan(out[1, 0]) and out[0, 0] == 1.0
     np.testing.assert_array_equal(out[:, 1], [0.5, 3.0])
