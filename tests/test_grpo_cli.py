@@ -112,3 +112,14 @@ def test_grpo_resume_is_bit_exact(model_dir, data_dir, reward_file, tmp_path):
     rb = json.loads((part / "mlxlora.json").read_text())["run_record"]
     assert ra["method_log"] == rb["method_log"] and len(ra["method_log"]) == 6
     assert ra["method_log"][-1][1]["kl"] > 0  # beta > 0: the reference pass ran
+
+
+def test_grpo_from_an_init_adapter_measures_kl_against_that_adapter(model_dir, data_dir, reward_file, tmp_path):
+    """--init-adapter: the reference is that adapter frozen (not the base), so at step 1, before any update,
+    policy and reference are the same weights and the KL is exactly 0; the base would be far from it."""
+    init = tiny.make_adapter(model_dir, tmp_path / "sft", LoraConfig(r=4, target_modules="all-linear"), seed=2,
+                             size=0.2)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    train(_cfg(model_dir, data_dir, reward_file, tmp_path / "g", iters=3, init_adapter=str(init), lora=lora))
+    log = json.loads((tmp_path / "g" / "mlxlora.json").read_text())["run_record"]["method_log"]
+    assert log[0][1]["kl"] == 0.0 and log[-1][1]["kl"] > 0.0
