@@ -10,6 +10,7 @@ from ..lora.quant import CHUNK_ELEMENTS
 from ..lora.surgery import block_index
 from ..loss.attention import score_elements
 from ..loss.head import padded_rows
+from ..models.moe_shapes import per_token
 from ..models.shapes import Matrix, ModelShapes, dims
 
 
@@ -25,9 +26,9 @@ ROLES = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "qkv_pro
 BLOCK_EXTRA = {"gemma2": (2.5, 2, 1)}
 
 
-def _blocks(adapted: list[tuple[Matrix, int]], n_blocks: int, dora: bool):
+def _blocks(adapted: list[tuple[Matrix, int]], n_blocks: int, dora: bool, k: int = 1):
     """Per block: roles of its adapters, Σ rank (+ Σ out with DoRA), Σ out; and the lowest block
-    the backward reaches (0 with an adapted embedding, n_blocks when none)."""
+    the backward reaches (0 with an adapted embedding, n_blocks when none). k: experts per token."""
     roles: dict[int, set] = {}
     extra: dict[int, int] = {}
     outs: dict[int, int] = {}
@@ -39,7 +40,8 @@ def _blocks(adapted: list[tuple[Matrix, int]], n_blocks: int, dora: bool):
             continue
         first = min(first, i)
         roles.setdefault(i, set()).add(ROLES.get(m.path.rpartition(".")[2], "attn_in"))
-        extra[i] = extra.get(i, 0) + r + (m.rows if dora else 0)
+        # experts: x·lora_a is kept once per (token, routed expert)
+        extra[i] = extra.get(i, 0) + r * (k if m.experts else 1) + (m.rows if dora else 0)
         outs[i] = outs.get(i, 0) + m.rows
     return roles, extra, outs, first
 
@@ -105,7 +107,7 @@ def activation_terms(shapes: ModelShapes, adapted: list[tuple[Matrix, int]], bat
     B, L, T = batch_size, seq_len, batch_size * seq_len
     D, I, N = d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"]
     V = next((m.rows for m in shapes.matrices if m.kind == "embedding"), d["vocab_size"])
-    roles, extra, outs, first = _blocks(adapted, N, dora)
+    roles, extra, outs, first = _blocks(adapted, N, dora, per_token(shapes.config) or 1)
     reached = range(first, N)
     model_type = shapes.config.get("model_type")
     # attention.py blocks causal attention on CPU; gemma2 computes its own soft-capped scores
@@ -143,6 +145,7 @@ def _dequantized(shapes, adapted, reached, grad_checkpoint, cpu_dequant, dora, a
     per_block = [sum(m.rows * m.cols for m in shapes.matrices if m.bits and block_index(m.path) == i
                      and any(a is m for a in dora_mats)) for i in reached]
     n = max(per_block, default=0) if grad_checkpoint else sum(per_block)
-    if cpu_dequant:
-        n += 2 * min(CHUNK_ELEMENTS, max((m.rows * m.cols for m in shapes.matrices if m.bits), default=0))
+    if cpu_dequant:  # quantized experts are dequantized whole (E, out, in) for one gather_mm
+        n += 2 * max((m.size if m.experts else min(CHUNK_ELEMENTS, m.size) for m in shapes.matrices if m.bits),
+                     default=0)
     return {"dequantized weights": n * act_bytes} if n else {}

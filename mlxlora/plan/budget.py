@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from ..config import LoraConfig, TrainConfig
 from ..errors import ConfigError, ModelError
 from ..lora.surgery import find_targets
+from ..models.moe_shapes import per_token
 from ..models.shapes import BYTES, DTYPE_CODES, FLOATS, Matrix, ModelShapes, read_model
 from .activations import activation_terms
 from .machine import default_backend, human, machine_memory
@@ -32,6 +35,9 @@ class Plan:
     adapted_layers: int
     adapter_bytes_fp32: int
     adapter_bytes_fp16: int
+    active_params: int
+    expert_layers: int
+    expert_adapter_bytes_fp32: int
     base_bytes: int
     adapter_param_bytes: int
     gradient_bytes: int
@@ -53,9 +59,10 @@ def find_adapted(shapes: ModelShapes, lora: LoraConfig) -> list[tuple[Matrix, in
         node, parts = root, m.path.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, nn.Module())
-        cls = nn.Embedding if m.kind == "embedding" else nn.Linear
+        cls = SwitchLinear if m.kind == "experts" else nn.Embedding if m.kind == "embedding" else nn.Linear
         leaf = cls.__new__(cls)
-        nn.Module.__init__(leaf)  # a module of the right type and no arrays
+        nn.Module.__init__(leaf)  # a module of the right type whose weight is never computed (lazy)
+        leaf.weight = mx.zeros((m.experts, m.rows, m.cols) if m.experts else (m.rows, m.cols), mx.uint8)
         node[parts[-1]] = leaf
         by_path[m.path] = m
     return [(by_path[p], lora.rank_alpha_for(p)[0]) for p, _ in find_targets(root, lora)]
@@ -63,12 +70,20 @@ def find_adapted(shapes: ModelShapes, lora: LoraConfig) -> list[tuple[Matrix, in
 
 def count_params(shapes: ModelShapes) -> int:
     """Base parameters as `surgery.count_parameters` counts them (quantized weights at logical size)."""
-    return sum(m.rows * m.cols for m in shapes.matrices) + sum(n for _, n, _ in shapes.others)
+    return sum(m.size for m in shapes.matrices) + sum(n for _, n, _ in shapes.others)
+
+
+def active_params(shapes: ModelShapes) -> int:
+    """Parameters one token computes with: every expert layer counts only the k experts it is routed to."""
+    k = per_token(shapes.config) or 0
+    return count_params(shapes) - sum(m.rows * m.cols * (m.experts - min(k, m.experts))
+                                      for m in shapes.matrices if m.experts)
 
 
 def adapter_params(adapted: list[tuple[Matrix, int]], dora: bool = False) -> int:
-    """Σ r·(in + out) over adapted layers (lora_a (in, r), lora_b (r, out)); DoRA adds m (out,)."""
-    return sum(r * (m.rows + m.cols) + (m.rows if dora else 0) for m, r in adapted)
+    """Σ r·(in + out) over adapted layers (lora_a (in, r), lora_b (r, out)), times E for experts (one pair
+    each); DoRA adds m (out,)."""
+    return sum(max(m.experts, 1) * r * (m.rows + m.cols) + (m.rows if dora else 0) for m, r in adapted)
 
 
 def quantized(shapes: ModelShapes, bits: int, group_size: int) -> ModelShapes:
@@ -93,10 +108,11 @@ def base_bytes(shapes: ModelShapes, compute_dtype: str | None) -> int:
 
     total = sum(n * size(dt) for _, n, dt in shapes.others)
     for m in shapes.matrices:
+        e = max(m.experts, 1)
         if m.bits is None:
-            total += m.rows * m.cols * size(m.dtype)
+            total += m.size * size(m.dtype)
         else:
-            total += m.rows * m.cols * m.bits // 8 + m.rows * (m.cols // m.group_size) * (1 + m.biases) * size(m.dtype)
+            total += m.size * m.bits // 8 + e * m.rows * (m.cols // m.group_size) * (1 + m.biases) * size(m.dtype)
     return total
 
 
@@ -126,7 +142,11 @@ def plan_training(model_spec: str | dict | ModelShapes, lora: LoraConfig, *, qua
     adapted = find_adapted(shapes, lora)
     if lora.use_dora and any(m.kind == "embedding" for m, _ in adapted):
         raise ConfigError("use_dora: DoRA on an embedding is not supported; drop it from --target")
+    if lora.use_dora and any(m.experts for m, _ in adapted):
+        raise ConfigError(f"use_dora: DoRA on MoE experts ({next(m.path for m, _ in adapted if m.experts)}) is not "
+                          "supported; drop --dora or target dense layers only")
     trainable = adapter_params(adapted, lora.use_dora)
+    expert_trainable = adapter_params([(m, r) for m, r in adapted if m.experts])
     base = base_bytes(shapes, compute_dtype)  # None: every tensor as stored (load_base off the CPU)
     compute_dtype = compute_dtype or {v: k for k, v in DTYPE_CODES.items()}.get(_float_dtype(shapes), "float16")
     backend = backend or default_backend()
@@ -147,6 +167,8 @@ def plan_training(model_spec: str | dict | ModelShapes, lora: LoraConfig, *, qua
         model=name, source=shapes.source, total_params=count_params(shapes) + trainable,
         trainable_params=trainable, trainable_percent=100 * trainable / max(count_params(shapes) + trainable, 1),
         adapted_layers=len(adapted), adapter_bytes_fp32=4 * trainable, adapter_bytes_fp16=2 * trainable,
+        active_params=active_params(shapes) + trainable - expert_trainable + _active_adapter(adapted, shapes),
+        expert_layers=sum(1 for m, _ in adapted if m.experts), expert_adapter_bytes_fp32=4 * expert_trainable,
         base_bytes=base, adapter_param_bytes=params, gradient_bytes=grads, optimizer_bytes=moments,
         activation_bytes=sum(terms.values()), peak_bytes=peak, memory_bytes=memory_bytes,
         memory_source=memory_source, fits=None if memory_bytes is None else peak <= memory_bytes,
@@ -155,6 +177,12 @@ def plan_training(model_spec: str | dict | ModelShapes, lora: LoraConfig, *, qua
                       max_seq_length=max_seq_length, grad_checkpoint=grad_checkpoint, grad_accum=grad_accum,
                       compute_dtype=compute_dtype, backend=backend),
         activation_terms=terms)
+
+
+def _active_adapter(adapted, shapes: ModelShapes) -> int:
+    """Adapter parameters of the k experts a token is routed to."""
+    k = per_token(shapes.config) or 0
+    return sum(min(k, m.experts) * r * (m.rows + m.cols) for m, r in adapted if m.experts)
 
 
 def _float_dtype(shapes: ModelShapes) -> str:
@@ -208,6 +236,12 @@ def format_plan(plan: Plan) -> str:
         ("parameters", f"{plan.total_params:,} total, {plan.trainable_params:,} trainable "
                        f"({plan.trainable_percent:.4f}%) in {plan.adapted_layers} layers"),
         ("adapter file", f"{human(plan.adapter_bytes_fp32)} fp32, {human(plan.adapter_bytes_fp16)} fp16"),
+    ]
+    if plan.active_params != plan.total_params:  # MoE: what one token uses, and the experts' share
+        rows += [("active per token", f"{plan.active_params:,} parameters ({plan.active_params / plan.total_params:.1%})"),
+                 ("expert adapters", f"{plan.expert_layers} expert layers, {human(plan.expert_adapter_bytes_fp32)} fp32"
+                                     " (one pair per expert)")]
+    rows += [
         ("run", f"rank {s['rank']}, target {_targets(s['target'])}, batch {s['batch_size']} x "
                 f"{s['max_seq_length']} tokens, {s['compute_dtype']} on {s['backend']}, base {q}"
                 + (", grad checkpoint" if s["grad_checkpoint"] else "")),
@@ -229,5 +263,5 @@ def _targets(t) -> str:
     return ",".join(t) if isinstance(t, list) else str(t)
 
 
-__all__ = ["Plan", "Fit", "plan_training", "suggest_fit", "find_adapted", "count_params", "adapter_params",
+__all__ = ["Plan", "Fit", "plan_training", "suggest_fit", "find_adapted", "count_params", "active_params", "adapter_params",
            "quantized", "base_bytes", "format_plan"]
