@@ -56,10 +56,11 @@ def _qwen2_tokenizer(tok):
     return (lambda text: source.encode(text)), dict(tok, pre="qwen2")
 
 
-def _spm_tokenizer(tmp_path):
-    """A small trained SentencePiece BPE (byte fallback), as llama-2 style GGUF vocab."""
+def _spm_tokenizer(tmp_path, prefix=True):
+    """A small trained SentencePiece BPE (byte fallback), as llama-2 style GGUF vocab; without the
+    dummy space prefix as gemma's (GGUF tokenizer.ggml.add_space_prefix = false)."""
     spm = pytest.importorskip("sentencepiece")
-    spm.SentencePieceTrainer.train(
+    spm.SentencePieceTrainer.train(add_dummy_prefix=prefix,
         sentence_iterator=iter(CORPUS * 20), model_prefix=str(tmp_path / "sp"), vocab_size=400,
         model_type="bpe", byte_fallback=True, minloglevel=2,
         # as in Llama 2's tokenizer.model (llama.cpp does not normalize text either)
@@ -68,7 +69,8 @@ def _spm_tokenizer(tmp_path):
     ids = range(sp.get_piece_size())
     types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in ids]
     return sp, dict(model="llama", tokens=[sp.id_to_piece(i) for i in ids], types=types,
-                    scores=[sp.get_score(i) for i in ids], bos=sp.bos_id(), eos=sp.eos_id(), unk=sp.unk_id())
+                    scores=[sp.get_score(i) for i in ids], bos=sp.bos_id(), eos=sp.eos_id(), unk=sp.unk_id(),
+                    prefix=prefix)
 
 
 def _tiny_model(arch, vocab_size, **overrides):
@@ -121,6 +123,7 @@ def _write_gguf(path, arch, config, model, tok, types=lambda name, a: "F32", ext
         w.add_chat_template(tiny.CHATML)
     else:
         w.add_token_scores(tok["scores"])
+        w.add_add_space_prefix(tok["prefix"])
         w.add_bos_token_id(tok["bos"])
         w.add_eos_token_id(tok["eos"])
         w.add_unk_token_id(tok["unk"])
@@ -283,10 +286,11 @@ def test_every_block_type_in_one_file(tmp_path, bpe):
 
 
 @pytest.mark.peer
-def test_sentencepiece_vocab_tokenizes_like_sentencepiece(tmp_path):
+@pytest.mark.parametrize("prefix", [True, False])
+def test_sentencepiece_vocab_tokenizes_like_sentencepiece(tmp_path, prefix):
     import mlx_lm
 
-    sp, tok = _spm_tokenizer(tmp_path)
+    sp, tok = _spm_tokenizer(tmp_path, prefix)
     model, config = _tiny_model("llama", len(tok["tokens"]))
     _write_gguf(tmp_path / "spm.gguf", "llama", config, model, tok)
     _, tokenizer = mlx_lm.load(str(convert_gguf(tmp_path / "spm.gguf", tmp_path / "mlx")))
