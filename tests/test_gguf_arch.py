@@ -214,3 +214,25 @@ def test_phi3_longrope_factors_become_rope_scaling(tmp_path, bpe):
     ids = encode("The capital of France is Paris. Hello world! 12345")  # longer than 16: long factors
     assert len(ids) > 16
     assert np.abs(_logits(loaded, ids) - _logits(model, ids)).max() <= 1e-6
+
+
+@pytest.mark.peer
+def test_gemma3_linear_rope_scaling(tmp_path, bpe):
+    """Gemma 3 4B+ files say rope.scaling.type = linear, factor 8 (global layers). mlx-lm's own model
+    with that scaling is the reference: transformers 5.24's GGUF loader drops the key (its logits
+    then differ by 0.14 here, as much as an unscaled model's)."""
+    import mlx_lm
+
+    encode, tok = bpe
+    overrides, meta = CASES["gemma3"]
+    config = dict(BASE, vocab_size=len(tok["tokens"]), **overrides, rope_scaling={"rope_type": "linear", "factor": 8.0})
+    model = _model(config)
+    meta = dict(meta, rope_scaling_type=gguf.RopeScalingType.LINEAR, rope_scaling_factor=8.0)
+    _write(tmp_path / "m.gguf", "gemma3", config, model, tok, meta)
+    loaded, _, cfg = mlx_lm.load(str(convert_gguf(tmp_path / "m.gguf", tmp_path / "mlx")), return_config=True)
+    assert cfg["rope_scaling"]["rope_type"] == "linear" and cfg["rope_scaling"]["factor"] == 8.0
+    ids = encode("The capital of France is Paris. Hello world! 12345")
+    want = _logits(model, ids)
+    assert np.abs(_logits(loaded, ids) - want).max() <= 1e-6 * np.abs(want).max()
+    del config["rope_scaling"]
+    assert np.abs(_logits(_model(config), ids) - want).max() > 0.05  # the scaling does show
