@@ -90,7 +90,7 @@ def _llama_cpp_permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-GGUF_PY_QUANTIZES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+GGUF_PY_QUANTIZES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4")
 
 
 def _write_gguf(path, arch, config, model, tok, types=lambda name, a: "F32", extra=None):
@@ -250,6 +250,24 @@ def test_mixed_types_keep_native_quants(tmp_path, bpe):
     loaded, _ = mlx_lm.load(str(convert_gguf(tmp_path / "mixed.gguf", tmp_path / "q8", quantize_bits=8)))
     layer = loaded.model.layers[0]
     assert (loaded.model.embed_tokens.bits, layer.mlp.up_proj.bits, layer.self_attn.q_proj.bits) == (8, 8, 4)
+
+
+@pytest.mark.peer
+def test_mxfp4_layers_next_to_affine_ones(tmp_path, bpe):
+    """MXFP4 matrices load as mlx-lm's mxfp4 QuantizedLinear beside affine 4/8-bit ones."""
+    import mlx_lm
+
+    encode, tok = bpe
+    model, config = _tiny_model("llama", len(tok["tokens"]), hidden_size=256, intermediate_size=256)
+    held = _write_gguf(tmp_path / "fp4.gguf", "llama", config, model, tok,
+                       _mixed_types(dict(MIXED, ffn_up="MXFP4", ffn_gate="MXFP4", ffn_down="MXFP4")))
+    model.load_weights([(k, mx.array(v)) for k, v in held.items()])
+    loaded, _, cfg = mlx_lm.load(str(convert_gguf(tmp_path / "fp4.gguf", tmp_path / "mlx")), return_config=True)
+    layer = loaded.model.layers[0]
+    assert (layer.mlp.up_proj.mode, layer.self_attn.q_proj.mode, layer.self_attn.v_proj.bits) == ("mxfp4", "affine", 8)
+    assert cfg["quantization"]["model.layers.0.self_attn.q_proj"]["mode"] == "affine"
+    ids = encode(TEXTS[1])
+    assert np.abs(_logits(loaded, ids) - _logits(model, ids)).max() <= 1e-2
 
 
 # One of every other block type (K-quants of 256 values need 256-wide rows).
