@@ -211,6 +211,9 @@ def _hparams(path: Path, meta: dict, arch: str) -> dict:
         if scaling == "yarn":
             config["rope_scaling"]["original_max_position_embeddings"] = meta.get(
                 f"{arch}.rope.scaling.original_context_length", config.get("max_position_embeddings"))
+            for beta in ("beta_fast", "beta_slow"):  # else mlx-lm's YaRN defaults (32, 1)
+                if (value := meta.get(f"{arch}.rope.scaling.yarn_{beta}")) is not None:
+                    config["rope_scaling"][beta] = _f32(value)
     arch_config(arch, meta, config)
     return config
 
