@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import SCHEDULES, TrainConfig
+from ..config import DPO_LOSS_TYPES, METHODS, SCHEDULES, TrainConfig
 from .options import DTYPE, QUANTIZE, default
 
 
@@ -13,7 +13,11 @@ def train_options(f):
     opts = [
         click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file; keys are these flag names."),
         click.option("--model", help="Model folder (HF or MLX), .gguf file, or hub id."),
-        click.option("--data", help="Folder with train.jsonl / valid.jsonl / test.jsonl."),
+        click.option("--data", multiple=True, metavar="SOURCE[:WEIGHT]",
+                     help="Folder with train.jsonl / valid.jsonl / test.jsonl, a .jsonl file, a `datasets` folder, "
+                          "or a Hub dataset ORG/NAME[:CONFIG]; repeat with :WEIGHT for a mixture."),
+        click.option("--split-map", help="Our split = the dataset's, e.g. valid=validation,test=test."),
+        click.option("--columns", help="Our field = the dataset's column, e.g. prompt=instruction,completion=output."),
         click.option("--train-file", help="Explicit training .jsonl (overrides --data)."),
         click.option("--valid-file", help="Explicit validation .jsonl."),
         click.option("--adapter-path", help=f"Output adapter folder. {default(TrainConfig, 'adapter_path')}"),
@@ -50,6 +54,22 @@ def train_options(f):
                      help="Stop when validation loss has not improved for PATIENCE validations."),
         click.option("--ignore-base-mismatch", is_flag=True, default=None,
                      help="--resume even if the base differs from the one the checkpoint was trained on."),
+        click.option("--method", type=click.Choice(list(METHODS)),
+                     help=f"Objective: sft (token loss), dpo / orpo / simpo (chosen/rejected pairs), kto (rows "
+                     f"labelled good/bad), grpo (online). {default(TrainConfig, 'method')}"),
+        click.option("--beta", type=float, help="DPO/KTO inverse temperature, ORPO's lambda, SimPO's reward scale. "
+                     + default(TrainConfig, "beta")),
+        click.option("--loss-type", type=click.Choice(list(DPO_LOSS_TYPES)),
+                     help=f"DPO loss. {default(TrainConfig, 'loss_type')}"),
+        click.option("--label-smoothing", type=float,
+                     help=f"Share of flipped labels assumed (dpo sigmoid, simpo). {default(TrainConfig, 'label_smoothing')}"),
+        click.option("--gamma", type=float, help=f"SimPO's target reward margin. {default(TrainConfig, 'gamma')}"),
+        click.option("--desirable-weight", type=float, help=f"KTO weight of label-true rows. "
+                     f"{default(TrainConfig, 'desirable_weight')}"),
+        click.option("--undesirable-weight", type=float, help=f"KTO weight of label-false rows. "
+                     f"{default(TrainConfig, 'undesirable_weight')}"),
+        click.option("--init-adapter", help="Start from this adapter folder (e.g. an SFT run); for dpo/kto it is "
+                     "also the frozen reference."),
         click.option("--dtype", type=DTYPE, help="Compute dtype (default float32 on CPU)."),
         click.option("--resume", help="Continue from a checkpoint or an adapter folder with checkpoints/."),
         click.option("--force", is_flag=True, default=None, help="Replace an existing adapter folder."),
@@ -71,6 +91,7 @@ def train(config_file, resume, **flags):
 
     if flags.get("quantize") is not None:
         flags["quantize"] = int(flags["quantize"])
+    flags["data"] = list(flags.get("data") or ()) or None
     file_values = load_config_file(config_file) if config_file else None
     stored = None
     if resume is not None:  # the checkpoint's own config fills what is not given: --resume DIR alone works

@@ -6,13 +6,16 @@
 choices and checks they share. Each validates itself in `__post_init__`, naming the flag.
 """
 
-from .choices import (ALL_LINEAR, BITS, DTYPE_NAMES, FUSE_STRATEGIES, GROUP_SIZES, SCHEDULES, SIZE_UNITS, check_bits,
-                      check_dtype, given, parse_size)
+from .choices import (ALL_LINEAR, BITS, DTYPE_NAMES, EXPORT_FORMATS, FUSE_STRATEGIES, GGUF_TYPES, GROUP_SIZES,
+                      SCHEDULES, SIZE_UNITS, check_bits, check_dtype, given, parse_size)
+from .evaluate import DEFAULT_METRICS, BenchmarkConfig, GenerativeEvalConfig
 from .lora import LoraConfig
+from .preference import DPO_LOSS_TYPES, METHODS, PAIR_METHODS, PreferenceConfig
 from .run import EvalConfig, ExportConfig, FuseConfig, GenerateConfig, ServeConfig
 from .train import FLAG_FIELDS, TrainConfig, build_train_config, load_config_file
 
-__all__ = ["ALL_LINEAR", "BITS", "DTYPE_NAMES", "FUSE_STRATEGIES", "GROUP_SIZES", "SCHEDULES", "SIZE_UNITS",
-           "check_bits", "check_dtype", "given", "parse_size", "LoraConfig", "EvalConfig", "ExportConfig",
-           "FuseConfig", "GenerateConfig", "ServeConfig", "FLAG_FIELDS", "TrainConfig", "build_train_config",
-           "load_config_file"]
+__all__ = ["ALL_LINEAR", "BITS", "DTYPE_NAMES", "EXPORT_FORMATS", "FUSE_STRATEGIES", "GGUF_TYPES", "GROUP_SIZES",
+           "SCHEDULES", "SIZE_UNITS", "check_bits", "check_dtype", "given", "parse_size", "LoraConfig", "EvalConfig",
+           "ExportConfig", "FuseConfig", "GenerateConfig", "ServeConfig", "DPO_LOSS_TYPES", "METHODS", "PAIR_METHODS",
+           "PreferenceConfig", "FLAG_FIELDS", "TrainConfig", "build_train_config",
+           "load_config_file", "DEFAULT_METRICS", "BenchmarkConfig", "GenerativeEvalConfig"]

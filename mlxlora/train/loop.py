@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 import math
 import shutil
 import time
@@ -13,21 +14,26 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import data as D
-from ..adapters import load_adapter_weights, save_adapter
+from ..adapters import load_adapter, load_adapter_weights, save_adapter
 from ..config import TrainConfig
 from ..data.batches import pad_id
+from ..data.sources import prepare_data
 from ..errors import AdapterError, ConfigError, TrainingStopped
 from ..adapters import RECORD_FILE
 from ..files import read_json_or_empty, write_failure
 from ..formats.record import nonfinite_tensors
 from ..inference import evaluate
-from ..lora.surgery import count_parameters, get_lora_model
+from ..lora.surgery import adapter_parameters, count_parameters, get_lora_model
+from ..loss.chunked import model_chunk_rows
+from ..loss.tokens import loss_sums
 from ..models import Base, describe_base, load_base
+from ..plan import machine_memory
 from .batches import BatchPlan
 from .checkpoint import (TrainerState, best_checkpoint, latest_checkpoint, latest_path, list_checkpoints,
                          load_trainer_state, remove_stale_temps, save_checkpoint, write_final)
 from .folders import check_inputs, plan_run_folder
 from .memory import memory_warning
+from . import preference as P
 from .plot import plot_losses
 from .progress import Progress
 from .record import resume_drift, run_record
@@ -62,22 +68,40 @@ class Trainer:
             self.run_dir = plan_run_folder(self.out, cfg.force, resume)
         if cfg.model is None and base is None:
             raise ConfigError("--model is required (a model folder, a .gguf file or a hub id)")
-        files = D.find_split_files(cfg.data, cfg.train_file, cfg.valid_file)
+        self.method = cfg.preference.method
+        if self.method == "grpo":
+            raise ConfigError("--method grpo is not available in this build yet; use sft, dpo, orpo, simpo or kto")
+        if cfg.pack and self.method != "sft":
+            raise ConfigError(f"--pack: --method {self.method} keeps both samples of an item whole; drop --pack")
+        # Hub / `datasets` sources, other row shapes and mixtures: prepared once as a JSONL folder (data/sources.py)
+        data = prepare_data(cfg.data, cfg.split_map, cfg.columns, cfg.seed) if cfg.data is not None else None
+        files = D.find_split_files(data, cfg.train_file, cfg.valid_file)
         self.base = base or load_base(cfg.model, quantize=cfg.quantize, group_size=cfg.q_group_size, dtype=cfg.dtype)
         tok = self.base.tokenizer
-        self.train_split = D.load_split(files["train"], tok, cfg.max_seq_length)
-        self.valid_split = D.load_split(files["valid"], tok, cfg.max_seq_length) if "valid" in files else None
+        if self.method == "sft":
+            load = lambda f: D.load_split(f, tok, cfg.max_seq_length)  # noqa: E731
+        else:
+            kind = "kto" if self.method == "kto" else "pairs"
+            load = lambda f: D.load_preference_split(f, tok, cfg.max_seq_length, kind, cfg.batch_size)  # noqa: E731
+        self.train_split = load(files["train"])
+        self.valid_split = load(files["valid"]) if "valid" in files else None
         if (cfg.save_best or cfg.early_stop) and self.valid_split is None:
             flag = "--save-best" if cfg.save_best else "--early-stop"
             raise ConfigError(f"{flag} needs validation data: add valid.jsonl to --data or pass --valid-file")
         self.files = files
         self.pad_id = pad_id(tok)
         self.progress = Progress(console, quiet=self.rank != 0)
-        self.batches = BatchPlan(cfg, self.train_split, self.base.config.get("model_type"), self.pad_id,
-                                 self.rank, self.world)
+        if self.method == "sft":
+            self.batches = BatchPlan(cfg, self.train_split, self.base.config.get("model_type"), self.pad_id,
+                                     self.rank, self.world)
+        else:
+            self.batches = P.PairPlan(cfg, self.train_split, self.pad_id, self.rank, self.world)
+        self.valid_ref, self.ref_tensors, self.metrics = None, None, {}
         if self.batches.pack:
             self.progress.note(f"packing: rows of up to {self.batches.pack_capacity} tokens; padding "
                                f"{100 * self.batches.pad_fraction:.0f}% → {100 * self.batches.packed_padding():.0f}%")
+        if self.method != "sft":
+            self.progress.note("method: " + ", ".join(f"{k} {v}" for k, v in cfg.preference.params().items()))
         if self.world > 1:
             self.progress.note(f"data parallel: {self.world} ranks × batch {cfg.batch_size} = global batch "
                                f"{self.batches.global_batch}")
@@ -105,7 +129,12 @@ class Trainer:
         mx.random.seed(cfg.seed)
         self.base_info = describe_base(model, self.base.config, self.base.info.get("fingerprint"),
                                        self.base.info.get("content"))  # before wrapping
-        get_lora_model(model, cfg.lora)
+        if cfg.init_adapter is not None:  # start from it; a reference method keeps a copy of its tensors
+            load_adapter(model, cfg.init_adapter, base_info=self.base_info,
+                         ignore_base_mismatch=cfg.ignore_base_mismatch)
+            self.ref_tensors = dict(adapter_parameters(model))
+        else:
+            get_lora_model(model, cfg.lora)
         if cfg.grad_checkpoint:
             grad_checkpoint_blocks(model)
         total = self.total_steps()
@@ -120,7 +149,12 @@ class Trainer:
             except OSError as e:
                 raise AdapterError(f"--adapter-path {self.out}: cannot create {self.run_dir} ({write_failure(e)}); "
                                    "choose another --adapter-path") from None
-        stepper = Stepper(model, optimizer, cfg.clip_grad, group=self.group)
+        if cfg.preference.needs_reference:
+            self._reference(model)
+        # the loss's chunk of tokens: sized from the head's vocabulary and this machine's memory
+        chunk = model_chunk_rows(model, machine_memory()[0])
+        loss_fn = partial(loss_sums, chunk=chunk) if self.method == "sft" else P.loss_fn(cfg)
+        stepper = Stepper(model, optimizer, cfg.clip_grad, group=self.group, loss_fn=loss_fn)
         trainable, n_params = count_parameters(model)
         self.progress.start(total, st.step, trainable, n_params, self.train_split.stats, cfg)
         base_val = None
@@ -192,7 +226,10 @@ class Trainer:
             if self.valid_split is not None and st.step % cfg.val_every == 0 and st.step < total:
                 val = self._validate(model)
                 st.val_log.append([st.step, val])
-            self.progress.update(st, loss_v, val, tps, report=(st.step % cfg.report_every == 0 or st.step == total))
+            if self.method != "sft":
+                self.metrics = P.metric_means(stepper.metrics, self.method)
+            self.progress.update(st, loss_v, val, tps, report=(st.step % cfg.report_every == 0 or st.step == total),
+                                 extra=P.metrics_text(self.metrics))
             if st.step % cfg.report_every == 0:
                 window_tokens, window_t = 0, time.perf_counter()
             best = val is not None and self._improved(st, val) and cfg.save_best
@@ -227,15 +264,34 @@ class Trainer:
 
     def _validate(self, model) -> float | None:
         model.eval()
-        v = evaluate(model, self.valid_split, self.cfg.batch_size, self.cfg.pad_multiple, self.pad_id,
-                     self.cfg.val_batches)
+        if self.method == "sft":
+            v = evaluate(model, self.valid_split, self.cfg.batch_size, self.cfg.pad_multiple, self.pad_id,
+                         self.cfg.val_batches)
+        else:
+            v, self.val_metrics = P.validate(model, self.valid_split, self.cfg, self.pad_id, self.valid_ref,
+                                             self.cfg.val_batches)
         model.train()
         return v
+
+    def _reference(self, model) -> None:
+        """The reference log-probs of every train and valid sample, once (see train/preference.py)."""
+        t0 = time.perf_counter()
+        kw = dict(batch_size=self.cfg.batch_size, pad_multiple=self.cfg.pad_multiple, pad_id=self.pad_id,
+                  tensors=self.ref_tensors)
+        self.batches.ref = P.reference_logps(model, self.train_split, **kw)
+        if self.valid_split is not None:
+            self.valid_ref = P.reference_logps(model, self.valid_split, **kw)
+        which = f"the adapter {self.cfg.init_adapter} frozen" if self.ref_tensors else "the base (adapter off)"
+        self.progress.note(f"reference: {which}; log-probs of {len(self.batches.ref)} train samples computed in "
+                           f"{time.perf_counter() - t0:.1f}s")
 
     # -- files --------------------------------------------------------------------
     def _extra(self, st: TrainerState, **final) -> dict:
         final.setdefault("base_shapes", self.base_info["shapes"])
         final.setdefault("base_content", self.base_info["content"])
+        final.setdefault("method", self.cfg.preference.params())
+        if self.metrics:
+            final.setdefault("method_metrics", self.metrics)
         if self.early_stopped:
             final.update(early_stopped_at=st.step, best_step=st.best_step, best_val_loss=st.best_val)
         split = self.train_split
