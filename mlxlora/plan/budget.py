@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear
 
-from ..config import LoraConfig, TrainConfig
+from ..config import LoraConfig, PreferenceConfig, TrainConfig
 from ..errors import ConfigError, ModelError
 from ..lora.surgery import find_targets
 from ..models.moe_shapes import per_token
@@ -125,15 +125,22 @@ def plan_training(model_spec: str | dict | ModelShapes, lora: LoraConfig, *, qua
                   max_seq_length: int = TrainConfig.max_seq_length, grad_checkpoint: bool = False,
                   compute_dtype: str | None = "float32", memory_bytes: int | None = None,
                   grad_accum: int = TrainConfig.grad_accum, backend: str | None = None,
-                  loss_fraction: float = 1.0) -> Plan:
+                  loss_fraction: float = 1.0, method: str = PreferenceConfig.method) -> Plan:
     """Parameters and predicted peak memory of training `lora` on `model_spec`, without loading weights.
 
     compute_dtype: what float weights and activations are computed in (float32 on CPU; None keeps the
     checkpoint's dtype, as on Metal). backend "cpu" | "gpu" (default: this machine's mlx device) picks
     the CPU dequantize+matmul path for quantized layers. memory_bytes: the budget (default: this
     machine's, see `machine_memory`). loss_fraction: share of tokens that carry loss (default 1.0,
-    the worst case; the head projects only those). Raises ModelError, or ConfigError when no layer matches (as training).
+    the worst case; the head projects only those). method: --method; dpo/orpo/simpo run chosen and
+    rejected of each pair in one batch (kto: each completion and its KL completion), so a step holds
+    2 x batch_size rows; dpo/kto add their reference: no weights (the base with the adapter off), a
+    float32 copy of the adapter (the --init-adapter case, counted always) and a forward-only pass before
+    training, which stays below a training step's peak. Raises ModelError, or ConfigError when no layer
+    matches (as training).
     """
+    pref = PreferenceConfig(method=method)
+    rows = 2 if pref.pairs or method == "kto" else 1
     if compute_dtype not in (None, *DTYPE_CODES):
         raise ConfigError(f"compute_dtype must be one of {', '.join(DTYPE_CODES)} or None, got {compute_dtype!r}")
     shapes = model_spec if isinstance(model_spec, ModelShapes) else read_model(model_spec)
@@ -150,11 +157,12 @@ def plan_training(model_spec: str | dict | ModelShapes, lora: LoraConfig, *, qua
     base = base_bytes(shapes, compute_dtype)  # None: every tensor as stored (load_base off the CPU)
     compute_dtype = compute_dtype or {v: k for k, v in DTYPE_CODES.items()}.get(_float_dtype(shapes), "float16")
     backend = backend or default_backend()
-    terms = activation_terms(shapes, adapted, batch_size, max_seq_length, grad_checkpoint,
+    terms = activation_terms(shapes, adapted, rows * batch_size, max_seq_length, grad_checkpoint,
                              BYTES[DTYPE_CODES[compute_dtype]], lora.use_dora, backend == "cpu", loss_fraction)
     params, moments = 4 * trainable, 8 * trainable  # adapters train in float32; AdamW: m and v
     grads = params * (2 if grad_accum > 1 else 1)  # + the running sum when accumulating
-    static = base + params + moments
+    reference = params if pref.needs_reference else 0  # the frozen --init-adapter tensors
+    static = base + params + moments + reference
     # The update holds the gradients, their clipped copy and the new parameters and moments next to
     # the old ones: measured 4.3x the adapter's float32 size on top of the static state (mlx 0.32).
     peak = max(static + grads + sum(terms.values()), static + grads - params + int(4.3 * params))
@@ -175,7 +183,8 @@ def plan_training(model_spec: str | dict | ModelShapes, lora: LoraConfig, *, qua
         settings=dict(rank=lora.r, target=lora.target_modules, dora=lora.use_dora, quantize=quantize,
                       group_size=group_size if quantize else None, batch_size=batch_size,
                       max_seq_length=max_seq_length, grad_checkpoint=grad_checkpoint, grad_accum=grad_accum,
-                      compute_dtype=compute_dtype, backend=backend),
+                      compute_dtype=compute_dtype, backend=backend, method=method, rows_per_item=rows,
+                      reference_bytes=reference, reference=pref.needs_reference),
         activation_terms=terms)
 
 
@@ -242,12 +251,14 @@ def format_plan(plan: Plan) -> str:
                  ("expert adapters", f"{plan.expert_layers} expert layers, {human(plan.expert_adapter_bytes_fp32)} fp32"
                                      " (one pair per expert)")]
     rows += [
-        ("run", f"rank {s['rank']}, target {_targets(s['target'])}, batch {s['batch_size']} x "
+        ("run", f"rank {s['rank']}, target {_targets(s['target'])}, batch {_batch(s)} x "
                 f"{s['max_seq_length']} tokens, {s['compute_dtype']} on {s['backend']}, base {q}"
                 + (", grad checkpoint" if s["grad_checkpoint"] else "")),
         ("base weights", human(plan.base_bytes)),
         ("adapter + gradients", f"{human(plan.adapter_param_bytes)} + {human(plan.gradient_bytes)}"),
         ("AdamW moments", human(plan.optimizer_bytes)),
+        *([("reference", f"the base with the adapter off (no second model) + {human(s['reference_bytes'])} "
+                         "for a frozen --init-adapter; log-probs precomputed once")] if s.get("reference") else []),
         ("activations", human(plan.activation_bytes)),
     ]
     rows += [(f"  {k}", human(v)) for k, v in plan.activation_terms.items()]
@@ -257,6 +268,13 @@ def format_plan(plan: Plan) -> str:
         rows.append(("memory", f"{human(plan.memory_bytes)} ({plan.memory_source}): {verdict}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _batch(s: dict) -> str:
+    if s.get("rows_per_item", 1) == 1:
+        return str(s["batch_size"])
+    what = "rows (+ KL rows)" if s["method"] == "kto" else "pairs"
+    return f"{s['batch_size']} {what} = {s['rows_per_item'] * s['batch_size']} sequences ({s['method']})"
 
 
 def _targets(t) -> str:

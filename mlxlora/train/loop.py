@@ -161,6 +161,7 @@ class Trainer:
         if self.valid_split is not None and st.step == 0:
             base_val = self._validate(model)
             st.val_log.append([0, base_val])
+            self.first_val_metrics = getattr(self, "val_metrics", None)
         t0, stop = time.perf_counter(), StopSignals(self.run_dir, self.rank)
         try:
             self._loop(model, optimizer, stepper, st, total, stop)
@@ -290,8 +291,11 @@ class Trainer:
         final.setdefault("base_shapes", self.base_info["shapes"])
         final.setdefault("base_content", self.base_info["content"])
         final.setdefault("method", self.cfg.preference.params())
-        if self.metrics:
+        if self.metrics:  # the last step's (training batch), and validation's at step 0 and at the end
             final.setdefault("method_metrics", self.metrics)
+        for key, attr in (("val_method_metrics_start", "first_val_metrics"), ("val_method_metrics", "val_metrics")):
+            if getattr(self, attr, None):
+                final.setdefault(key, getattr(self, attr))
         if self.early_stopped:
             final.update(early_stopped_at=st.step, best_step=st.best_step, best_val_loss=st.best_val)
         split = self.train_split

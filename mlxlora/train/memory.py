@@ -16,7 +16,8 @@ def memory_warning(cfg: TrainConfig, base: Base, seq_len: int) -> str | None:
         plan = plan_training(str(base.path), cfg.lora, quantize=None if pre_quantized else cfg.quantize,
                              group_size=cfg.q_group_size, batch_size=cfg.batch_size, max_seq_length=seq_len,
                              grad_checkpoint=cfg.grad_checkpoint, grad_accum=cfg.grad_accum,
-                             compute_dtype=cfg.dtype or ("float32" if on_cpu() else None))
+                             compute_dtype=cfg.dtype or ("float32" if on_cpu() else None),
+                             method=cfg.preference.method)
     except Exception:  # the planner is advice: never a reason not to train
         return None
     if plan.fits is not False:
