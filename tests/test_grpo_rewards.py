@@ -1,6 +1,7 @@
 """GRPO rewards (built-ins, user code, weights, bad specs) and prompt rows (formats, one-line errors)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -54,7 +55,8 @@ def test_user_rewards_from_a_file_and_a_module(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = GRPOConfig(rewards=(f"{f}:starts_with_a:2", "my_rewards:uses_answer"))
     rs = parse_rewards(cfg)
-    assert [(r.name, r.weight) for r in rs] == [(f"{f}:starts_with_a", 2.0), ("my_rewards:uses_answer", 1.0)]
+    assert [(r.name, r.weight, r.spec) for r in rs] == [("starts_with_a", 2.0, f"{f}:starts_with_a:2"),
+                                                        ("uses_answer", 1.0, "my_rewards:uses_answer")]
     out = score(rs, ["p", "p"], ["ab", "xyz"], [[1], [2]], {"answer": ["2", "3"], "level": [0.5, 3.0]})
     assert np.isnan(out[1, 0]) and out[0, 0] == 1.0
     np.testing.assert_array_equal(out[:, 1], [0.5, 3.0])
@@ -78,9 +80,10 @@ def test_a_reward_returning_the_wrong_count_or_type_is_named(tmp_path):
     f = tmp_path / "bad.py"
     f.write_text("def short(prompts, completions, **kw):\n    return [1.0]\n"
                  "def text(prompts, completions, **kw):\n    return ['yes'] * len(completions)\n"
-                 "raise_on_import = None\n")
-    for fn, needle in (("short", "returned 1 values for 2 completions"), ("text", "returned 'yes'")):
-        with pytest.raises(ConfigError, match=needle):
+                 "def boom(prompts, completions, **kw):\n    return [1 / 0]\n")
+    for fn, needle in (("short", "returned 1 values for 2 completions"), ("text", "returned 'yes'"),
+                       ("boom", f"raised ZeroDivisionError: division by zero (at {f}:6)")):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
             score(parse_rewards(GRPOConfig(rewards=(f"{f}:{fn}",))), ["p"] * 2, ["a", "b"], [[1], [2]], {})
     broken = tmp_path / "broken.py"
     broken.write_text("import no_such_dependency_abc\n")

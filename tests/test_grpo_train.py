@@ -12,9 +12,9 @@ import tiny
 from mlxlora.config import LoraConfig
 from mlxlora.config.grpo import GRPOConfig
 from mlxlora.data.prompts import load_prompts
-from mlxlora.lora.surgery import adapter_layers, get_lora_model
+from mlxlora.lora.surgery import adapter_layers, adapters_off, get_lora_model
 from mlxlora.models import load_base
-from mlxlora.train.grpo import GRPOStepper, reference_view, sample_group
+from mlxlora.train.grpo import GRPOStepper, sample_group
 from mlxlora.train.rewards import Reward
 
 IDS = mx.array([[5, 17, 33, 100, 200, 7, 9]])
@@ -33,12 +33,12 @@ def lora_base(tiny_dirs, seed=None):
     return base
 
 
-def test_reference_view_is_the_base_and_puts_the_adapter_back(tiny_dirs):
+def test_adapters_off_is_the_base_and_puts_the_adapter_back(tiny_dirs):
     plain = load_base(str(tiny_dirs["llama"])).model(IDS)
     base = lora_base(tiny_dirs, seed=3)
     adapted = base.model(IDS)
     assert mx.abs(adapted - plain).max().item() > 1e-2  # the adapter changes the logits
-    with reference_view(base.model) as ref:
+    with adapters_off(base.model) as ref:
         assert mx.abs(ref(IDS) - plain).max().item() == 0.0
         assert adapter_layers(ref) == []
     assert mx.abs(base.model(IDS) - adapted).max().item() == 0.0
@@ -99,7 +99,7 @@ def test_beta_uses_the_reference_and_reports_kl(tiny_dirs, tmp_path):
     @contextmanager
     def counted(model):
         calls.append(1)
-        with reference_view(model) as m:
+        with adapters_off(model) as m:
             yield m
 
     def refuse(model):

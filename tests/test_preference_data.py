@@ -124,7 +124,7 @@ def test_cli_errors_and_inspect_show_both_sides(tiny_dirs, tmp_path, cli):
     assert "=== pair 0" in out.output and "--- chosen:" in out.output and "--- rejected:" in out.output
     assert "]N|u|m|b|e|r| |0" in out.output and "]N|o|p|e|.|<|im_end|>" in out.output
     res = cli("train", "--model", tiny_dirs["llama"], "--data", data, "--method", "grpo", "--adapter-path", tmp_path / "a")
-    tiny.one_line_error(res, "--method grpo is not available")
+    tiny.one_line_error(res, "train.jsonl:1: no 'answer'")  # pairs are not prompt rows: grpo says which line
     res = cli("train", "--model", tiny_dirs["llama"], "--data", data, "--method", "dpo", "--pack",
               "--adapter-path", tmp_path / "a")
     tiny.one_line_error(res, "--pack")

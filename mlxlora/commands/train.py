@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import click
 
-from ..config import DPO_LOSS_TYPES, METHODS, SCHEDULES, TrainConfig
+from ..config import (BUILTIN_REWARDS, DPO_LOSS_TYPES, GRPO_LOSS_TYPES, METHOD_DEFAULTS, METHODS, SCALE_REWARDS,
+                      SCHEDULES, GRPOConfig, TrainConfig)
 from .options import DTYPE, QUANTIZE, default
+
+
+def _per_method(name: str) -> str:
+    """The per-method defaults of --beta / --loss-type, from config.preference.METHOD_DEFAULTS."""
+    other = METHOD_DEFAULTS["dpo"][name]
+    return f"[{other}; grpo: {METHOD_DEFAULTS['grpo'][name]}]"
 
 
 def train_options(f):
@@ -57,10 +64,29 @@ def train_options(f):
         click.option("--method", type=click.Choice(list(METHODS)),
                      help=f"Objective: sft (token loss), dpo / orpo / simpo (chosen/rejected pairs), kto (rows "
                      f"labelled good/bad), grpo (online). {default(TrainConfig, 'method')}"),
-        click.option("--beta", type=float, help="DPO/KTO inverse temperature, ORPO's lambda, SimPO's reward scale. "
-                     + default(TrainConfig, "beta")),
-        click.option("--loss-type", type=click.Choice(list(DPO_LOSS_TYPES)),
-                     help=f"DPO loss. {default(TrainConfig, 'loss_type')}"),
+        click.option("--beta", type=float, help="DPO/KTO inverse temperature, ORPO's lambda, SimPO's reward scale, "
+                     f"GRPO's KL weight (0: no reference pass). {_per_method('beta')}"),
+        click.option("--loss-type", type=click.Choice(list(DPO_LOSS_TYPES + GRPO_LOSS_TYPES)),
+                     help=f"DPO loss ({', '.join(DPO_LOSS_TYPES)}) or GRPO's token aggregation "
+                     f"({', '.join(GRPO_LOSS_TYPES)}). {_per_method('loss_type')}"),
+        click.option("--reward", multiple=True, metavar="NAME[:WEIGHT]",
+                     help=f"grpo: a reward function, repeatable: a built-in ({', '.join(BUILTIN_REWARDS)}), "
+                     "module:function or path/to/file.py:function, each with an optional :WEIGHT. "
+                     f"[default: {','.join(GRPOConfig().rewards)}]"),
+        click.option("--group-size", type=int, help=f"grpo: completions sampled per prompt. "
+                     f"{default(GRPOConfig, 'group_size')}"),
+        click.option("--max-completion-length", type=int, help=f"grpo: tokens per sampled completion at most. "
+                     f"{default(GRPOConfig, 'max_completion_length')}"),
+        click.option("--temperature", type=float, help=f"grpo: sampling temperature. {default(GRPOConfig, 'temperature')}"),
+        click.option("--top-p", type=float, help=f"grpo: nucleus sampling (1: off). {default(GRPOConfig, 'top_p')}"),
+        click.option("--epsilon", type=float, help=f"grpo: clip range of the probability ratio. "
+                     f"{default(GRPOConfig, 'epsilon')}"),
+        click.option("--epsilon-high", type=float, help="grpo: upper clip bound (DAPO's clip-higher; default --epsilon)."),
+        click.option("--scale-rewards", type=click.Choice(list(SCALE_REWARDS)),
+                     help=f"grpo: divide centred rewards by the group's std, the batch's, or not. "
+                     f"{default(GRPOConfig, 'scale_rewards')}"),
+        click.option("--format-pattern", help="grpo: the regex the built-in `format` reward looks for. "
+                     f"[default: {GRPOConfig().format_pattern}]"),
         click.option("--label-smoothing", type=float,
                      help=f"Share of flipped labels assumed (dpo sigmoid, simpo). {default(TrainConfig, 'label_smoothing')}"),
         click.option("--gamma", type=float, help=f"SimPO's target reward margin. {default(TrainConfig, 'gamma')}"),
@@ -92,6 +118,7 @@ def train(config_file, resume, **flags):
     if flags.get("quantize") is not None:
         flags["quantize"] = int(flags["quantize"])
     flags["data"] = list(flags.get("data") or ()) or None
+    flags["reward"] = tuple(flags.get("reward") or ()) or None
     file_values = load_config_file(config_file) if config_file else None
     stored = None
     if resume is not None:  # the checkpoint's own config fills what is not given: --resume DIR alone works

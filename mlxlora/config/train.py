@@ -11,6 +11,7 @@ from ..errors import ConfigError, choice_error
 from ..files import path_problem
 from .choices import ALL_LINEAR, BITS, GROUP_SIZES, SCHEDULES, check_dtype, number, positive
 from .lora import LoraConfig
+from .grpo import GRPOConfig
 from .preference import PreferenceConfig
 
 
@@ -29,6 +30,7 @@ class TrainConfig:
     q_group_size: int = 64
     lora: LoraConfig = field(default_factory=LoraConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # --method and its parameters
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # --method grpo's own knobs (--group-size, --reward...)
     init_adapter: str | None = None  # start from this adapter (e.g. SFT's); a reference method's reference too
     epochs: int | None = None
     iters: int | None = None
@@ -61,6 +63,16 @@ class TrainConfig:
             self.lora = LoraConfig.from_dict(self.lora)
         if isinstance(self.preference, dict):
             self.preference = PreferenceConfig(**self.preference)
+        if isinstance(self.grpo, dict):
+            self.grpo = GRPOConfig(**self.grpo)
+        if self.preference.method != "grpo":
+            default = GRPOConfig()
+            changed = [f.name for f in dataclasses.fields(GRPOConfig)
+                       if getattr(self.grpo, f.name) != getattr(default, f.name)]
+            if changed:
+                flag = "--reward" if changed[0] == "rewards" else f"--{changed[0].replace('_', '-')}"
+                raise ConfigError(f"{flag} applies to --method grpo, not --method {self.preference.method}; "
+                                  "add --method grpo or drop it")
         if isinstance(self.data, (list, tuple)):
             self.data = (None if not self.data else self.data[0] if len(self.data) == 1 else
                          [str(d) for d in self.data])
@@ -91,11 +103,19 @@ class TrainConfig:
     def total_iters_fixed(self) -> bool:
         return self.iters is not None
 
+    def method_params(self) -> dict[str, Any]:
+        """The method and the parameters that matter for it (run record, progress): GRPO's include its own."""
+        params = self.preference.params()
+        if self.preference.method == "grpo":
+            params.update({k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.grpo).items()})
+        return params
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-# CLI flag / config-file key -> (section, field). Section "lora" means LoraConfig, "preference" PreferenceConfig.
+# CLI flag / config-file key -> (section, field). Section "lora" means LoraConfig, "preference" PreferenceConfig,
+# "grpo" GRPOConfig.
 FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "rank": ("lora", "r"),
     "alpha": ("lora", "lora_alpha"),
@@ -110,7 +130,9 @@ FLAG_FIELDS: dict[str, tuple[str, str]] = {
 }
 for _f in dataclasses.fields(PreferenceConfig):
     FLAG_FIELDS[_f.name] = ("preference", _f.name)
-SECTIONS = ("lora", "preference")  # TrainConfig fields that hold a nested config
+for _f in dataclasses.fields(GRPOConfig):
+    FLAG_FIELDS["reward" if _f.name == "rewards" else _f.name] = ("grpo", _f.name)
+SECTIONS = ("lora", "preference", "grpo")  # TrainConfig fields that hold a nested config
 for _f in dataclasses.fields(TrainConfig):
     if _f.name not in SECTIONS:
         FLAG_FIELDS[_f.name] = ("train", _f.name)
@@ -141,7 +163,7 @@ def build_train_config(file_values: dict[str, Any] | None, flag_values: dict[str
     """
     merged: dict[str, Any] = {}
     float_keys = {"lr", "weight_decay", "clip_grad", "alpha", "dropout", "beta", "label_smoothing", "gamma",
-                  "desirable_weight", "undesirable_weight"}
+                  "desirable_weight", "undesirable_weight", "temperature", "top_p", "epsilon", "epsilon_high"}
     given_keys = {k.replace("-", "_") for k, v in (*(file_values or {}).items(), *flag_values.items()) if v is not None}
     kept = {k: v for k, v in stored_flags(stored or {}).items()
             if not any(a == k and b in given_keys or b == k and a in given_keys for a, b in EXCLUSIVE)}
@@ -159,7 +181,7 @@ def build_train_config(file_values: dict[str, Any] | None, flag_values: dict[str
                     except ValueError:
                         raise ConfigError(f"{where}: {key} must be a number, got {value!r}") from None
                 merged[norm] = value
-    kw: dict[str, dict[str, Any]] = {"lora": {}, "preference": {}, "train": {}}
+    kw: dict[str, dict[str, Any]] = {"lora": {}, "preference": {}, "grpo": {}, "train": {}}
     for key, value in merged.items():
         section, name = FLAG_FIELDS[key]
         if key == "target" and isinstance(value, str) and "," in value:
@@ -169,7 +191,7 @@ def build_train_config(file_values: dict[str, Any] | None, flag_values: dict[str
         kw[section][name] = value
     try:
         return TrainConfig(lora=LoraConfig(**kw["lora"]), preference=PreferenceConfig(**kw["preference"]),
-                           **kw["train"])
+                           grpo=GRPOConfig(**kw["grpo"]), **kw["train"])
     except TypeError as e:  # a wrong type slipped past a validator
         raise ConfigError(f"{source}: {e}") from None
 

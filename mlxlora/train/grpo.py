@@ -5,7 +5,8 @@ One optimizer step (GRPOStepper.grpo_step) over a batch of prompt rows:
      through mlx-lm's KV cache and sampler (one batched decode per group, temperature / top-p);
   2. score them with the reward functions (train/rewards.py) -> group-normalised advantages;
   3. with beta > 0, the reference log-probs: the same model with every adapter layer swapped for its
-     base layer (`reference_view`), so the reference costs a forward pass and no second copy of the base;
+     base layer (lora.surgery.adapters_off), or with the --init-adapter's tensors swapped in
+     (adapter_tensors), so the reference costs a forward pass and no second copy of the base;
   4. per group (one micro-batch), the gradient of the objective (loss/grpo.py) with the adapter in train
      mode; gradients are summed and divided once by the summed normaliser, clipped, applied.
 One pass per batch (TRL's num_iterations = 1): the sampled completions come from the weights being
@@ -16,7 +17,6 @@ run samples the same completions.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -26,13 +26,13 @@ import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
 from ..config.choices import number
+from ..config import TrainConfig
 from ..config.grpo import GRPO_LOSS_TYPES, GRPOConfig
-from ..errors import choice_error
-from ..data.prompts import PromptRow
-from ..lora.layers import base_of
-from ..lora.surgery import adapter_layers
+from ..errors import ConfigError, choice_error
+from ..data.prompts import PromptRow, PromptSplit, load_prompt_split
+from ..lora.surgery import adapter_tensors, adapters_off
 from ..loss.grpo import completion_logps, group_advantages, grpo_loss_sums
-from .rewards import Reward, score
+from .rewards import Reward, parse_rewards, score
 
 
 class PromptPlan:
@@ -50,6 +50,7 @@ class PromptPlan:
         self.rows, self.batch_size, self.grad_accum, self.seed = rows, batch_size, grad_accum, seed
         self.rank, self.world = rank, world
         self._order, self._order_epoch = None, None
+        self.pack_capacity = max(len(r.ids) for r in rows)  # the longest prompt (memory_warning adds nothing)
 
     @property
     def global_batch(self) -> int:
@@ -75,22 +76,6 @@ class PromptPlan:
             part = batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
             out += [self.rows[i] for i in part]
         return out, 0
-
-
-@contextmanager
-def reference_view(model: nn.Module):
-    """While active, the model is its base: each adapter layer is replaced by the layer it wraps.
-
-    The adapter layers (and their trained tensors) are put back on exit, also after an error.
-    """
-    layers = adapter_layers(model)
-    if layers:
-        model.update_modules(tree_unflatten([(p, base_of(m)) for p, m in layers]))
-    try:
-        yield model
-    finally:
-        if layers:
-            model.update_modules(tree_unflatten(layers))
 
 
 def sample_group(model: nn.Module, prompt: list[int], n: int, max_tokens: int, sampler, stop_ids) -> list[list[int]]:
@@ -154,7 +139,7 @@ class GRPOStepper:
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, tokenizer, cfg: GRPOConfig,
                  rewards: list[Reward], *, beta: float, loss_type: str, clip_grad: float | None = 1.0,
-                 pad_id: int = 0, reference=reference_view):
+                 pad_id: int = 0, reference=adapters_off):
         """beta: the KL weight (0: no reference pass); loss_type: one of GRPO_LOSS_TYPES (loss/grpo.py).
         reference: a context-manager factory that turns the model into the KL reference while active
         (default: the base with the adapters swapped out)."""
@@ -250,6 +235,46 @@ class GRPOStepper:
                          per_reward=per, kl=sums[2] / max(tokens, 1), clip_ratio=sums[3] / max(tokens, 1),
                          completion_length=float(np.mean([len(c) for c in completion_ids])), tokens=tokens,
                          grad_norm=float(norm.item()), completions=texts)
+
+
+def load_grpo(cfg: TrainConfig, files: dict, tokenizer, rank: int = 0, world: int = 1):
+    """The reward functions, the prompt split and its PromptPlan of a `--method grpo` run; ConfigError or
+    DataError (file:line) for what cannot be used, before any model work."""
+    if world > 1:
+        raise ConfigError("--method grpo runs on one rank for now (its sampling is not split across ranks); "
+                          "run it without mlx.launch")
+    if cfg.save_best or cfg.early_stop:
+        raise ConfigError(f"{'--save-best' if cfg.save_best else '--early-stop'}: --method grpo has no validation "
+                          "loss to compare; drop the flag")
+    g = cfg.grpo
+    room = cfg.max_seq_length - g.max_completion_length
+    if room < 1:
+        raise ConfigError(f"--max-seq-length {cfg.max_seq_length} leaves no room for a prompt next to "
+                          f"--max-completion-length {g.max_completion_length}; raise --max-seq-length")
+    rewards = parse_rewards(g)
+    split: PromptSplit = load_prompt_split(files["train"], tokenizer, max_prompt_length=room,
+                                           need_answer=any(r.name == "exact" for r in rewards))
+    plan = PromptPlan(split.rows, cfg.batch_size, cfg.grad_accum, cfg.seed, rank, world)
+    plan.pack_capacity += g.max_completion_length
+    return rewards, split, plan
+
+
+def make_stepper(model, optimizer, tokenizer, cfg: TrainConfig, rewards: list[Reward], pad_id: int,
+                 ref_tensors: dict | None = None) -> "GRPOStepper":
+    """The run's GRPOStepper; the KL reference is the --init-adapter's tensors when given, else the base."""
+    reference = (lambda m: adapter_tensors(m, ref_tensors)) if ref_tensors else adapters_off
+    return GRPOStepper(model, optimizer, tokenizer, cfg.grpo, rewards, beta=cfg.preference.beta,
+                       loss_type=cfg.preference.loss_type, clip_grad=cfg.clip_grad, pad_id=pad_id,
+                       reference=reference)
+
+
+def step_metrics(s: StepStats) -> dict[str, float]:
+    """A step's metrics by name (TRL's names), as the run record's method_log keeps them."""
+    out = {"reward": s.reward, "reward_std": s.reward_std}
+    for name, (m, sd) in s.per_reward.items():
+        out[f"rewards/{name}/mean"], out[f"rewards/{name}/std"] = m, sd
+    out.update(kl=s.kl, clip_ratio=s.clip_ratio, completion_length=s.completion_length)
+    return out
 
 
 def stats_text(s: StepStats) -> str:

@@ -33,6 +33,7 @@ from .checkpoint import (TrainerState, best_checkpoint, latest_checkpoint, lates
                          load_trainer_state, remove_stale_temps, save_checkpoint, write_final)
 from .folders import check_inputs, plan_run_folder
 from .memory import memory_warning
+from . import grpo as G
 from . import preference as P
 from .plot import plot_losses
 from .progress import Progress
@@ -69,8 +70,6 @@ class Trainer:
         if cfg.model is None and base is None:
             raise ConfigError("--model is required (a model folder, a .gguf file or a hub id)")
         self.method = cfg.preference.method
-        if self.method == "grpo":
-            raise ConfigError("--method grpo is not available in this build yet; use sft, dpo, orpo, simpo or kto")
         if cfg.pack and self.method != "sft":
             raise ConfigError(f"--pack: --method {self.method} keeps both samples of an item whole; drop --pack")
         # Hub / `datasets` sources, other row shapes and mixtures: prepared once as a JSONL folder (data/sources.py)
@@ -83,8 +82,12 @@ class Trainer:
         else:
             kind = "kto" if self.method == "kto" else "pairs"
             load = lambda f: D.load_preference_split(f, tok, cfg.max_seq_length, kind, cfg.batch_size)  # noqa: E731
-        self.train_split = load(files["train"])
-        self.valid_split = load(files["valid"]) if "valid" in files else None
+        if self.method == "grpo":  # prompt rows, reward functions and their plan (train/grpo.py); no validation
+            self.rewards, self.train_split, grpo_plan = G.load_grpo(cfg, files, tok, self.rank, self.world)
+            self.valid_split = None
+        else:
+            self.train_split = load(files["train"])
+            self.valid_split = load(files["valid"]) if "valid" in files else None
         if (cfg.save_best or cfg.early_stop) and self.valid_split is None:
             flag = "--save-best" if cfg.save_best else "--early-stop"
             raise ConfigError(f"{flag} needs validation data: add valid.jsonl to --data or pass --valid-file")
@@ -95,13 +98,14 @@ class Trainer:
             self.batches = BatchPlan(cfg, self.train_split, self.base.config.get("model_type"), self.pad_id,
                                      self.rank, self.world)
         else:
-            self.batches = P.PairPlan(cfg, self.train_split, self.pad_id, self.rank, self.world)
+            self.batches = grpo_plan if self.method == "grpo" else P.PairPlan(cfg, self.train_split, self.pad_id,
+                                                                               self.rank, self.world)
         self.valid_ref, self.ref_tensors, self.metrics = None, None, {}
         if self.batches.pack:
             self.progress.note(f"packing: rows of up to {self.batches.pack_capacity} tokens; padding "
                                f"{100 * self.batches.pad_fraction:.0f}% → {100 * self.batches.packed_padding():.0f}%")
         if self.method != "sft":
-            self.progress.note("method: " + ", ".join(f"{k} {v}" for k, v in cfg.preference.params().items()))
+            self.progress.note("method: " + ", ".join(f"{k} {v}" for k, v in cfg.method_params().items()))
         if self.world > 1:
             self.progress.note(f"data parallel: {self.world} ranks × batch {cfg.batch_size} = global batch "
                                f"{self.batches.global_batch}")
@@ -154,7 +158,11 @@ class Trainer:
         # the loss's chunk of tokens: sized from the head's vocabulary and this machine's memory
         chunk = model_chunk_rows(model, machine_memory()[0])
         loss_fn = partial(loss_sums, chunk=chunk) if self.method == "sft" else P.loss_fn(cfg)
-        stepper = Stepper(model, optimizer, cfg.clip_grad, group=self.group, loss_fn=loss_fn)
+        if self.method == "grpo":
+            stepper = G.make_stepper(model, optimizer, self.base.tokenizer, cfg, self.rewards, self.pad_id,
+                                     self.ref_tensors)
+        else:
+            stepper = Stepper(model, optimizer, cfg.clip_grad, group=self.group, loss_fn=loss_fn)
         trainable, n_params = count_parameters(model)
         self.progress.start(total, st.step, trainable, n_params, self.train_split.stats, cfg)
         base_val = None
@@ -217,6 +225,9 @@ class Trainer:
                                           f"{self.run_dir / 'checkpoints'}")
                 continue
             bad_in_row = 0
+            if self.method == "grpo":  # tokens are the sampled completions'; the step's rewards, KL, lengths
+                real_tokens, self.metrics = int(ntok.item()), G.step_metrics(stepper.last)
+                st.method_log.append([st.step, self.metrics])
             st.tokens += real_tokens
             window_tokens += real_tokens
             tps = window_tokens / max(time.perf_counter() - window_t, 1e-9)
@@ -227,10 +238,11 @@ class Trainer:
             if self.valid_split is not None and st.step % cfg.val_every == 0 and st.step < total:
                 val = self._validate(model)
                 st.val_log.append([st.step, val])
-            if self.method != "sft":
+            if self.method not in ("sft", "grpo"):
                 self.metrics = P.metric_means(stepper.metrics, self.method)
+            extra = G.stats_text(stepper.last) if self.method == "grpo" else P.metrics_text(self.metrics)
             self.progress.update(st, loss_v, val, tps, report=(st.step % cfg.report_every == 0 or st.step == total),
-                                 extra=P.metrics_text(self.metrics))
+                                 extra=extra)
             if st.step % cfg.report_every == 0:
                 window_tokens, window_t = 0, time.perf_counter()
             best = val is not None and self._improved(st, val) and cfg.save_best
@@ -290,7 +302,9 @@ class Trainer:
     def _extra(self, st: TrainerState, **final) -> dict:
         final.setdefault("base_shapes", self.base_info["shapes"])
         final.setdefault("base_content", self.base_info["content"])
-        final.setdefault("method", self.cfg.preference.params())
+        final.setdefault("method", self.cfg.method_params())
+        if st.method_log:
+            final.setdefault("method_log", st.method_log)
         if self.metrics:  # the last step's (training batch), and validation's at step 0 and at the end
             final.setdefault("method_metrics", self.metrics)
         for key, attr in (("val_method_metrics_start", "first_val_metrics"), ("val_method_metrics", "val_metrics")):

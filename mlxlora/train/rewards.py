@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import math
 import re
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,11 +39,13 @@ _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
 
 @dataclass
 class Reward:
-    """One weighted reward function; name is what progress lines and the run record show."""
+    """One weighted reward function. name: what progress lines and the run record show (the built-in's
+    or the function's name, as TRL names its reward metrics); spec: the --reward that gave it."""
 
     name: str
     fn: Callable
     weight: float = 1.0
+    spec: str = ""
 
 
 def final_answer(text: str) -> str | None:
@@ -114,13 +117,15 @@ def parse_rewards(cfg: GRPOConfig) -> list[Reward]:
             if target not in BUILTIN_REWARDS:
                 raise ConfigError(f"--reward {spec}: unknown reward {target!r}; use a built-in "
                                   f"({', '.join(BUILTIN_REWARDS)}), module:function or path/to/file.py:function")
-            out.append(Reward(target, builtin(target, cfg), weight))
+            out.append(Reward(target, builtin(target, cfg), weight, spec))
         else:
-            out.append(Reward(target, load_user_reward(target, spec), weight))
+            out.append(Reward(target.rpartition(":")[2], load_user_reward(target, spec), weight, spec))
     names = [r.name for r in out]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup is not None:
-        raise ConfigError(f"--reward {dup} is given twice; give each reward once (its weight sets its share)")
+        twice = [r.spec for r in out if r.name == dup]
+        raise ConfigError(f"--reward {twice[0]} and --reward {twice[1]} are both named {dup!r}; give each reward "
+                          "once (its weight sets its share), under its own name")
     return out
 
 
@@ -160,21 +165,28 @@ def score(rewards: list[Reward], prompts: list, completions: list[str], completi
           columns: dict[str, list]) -> np.ndarray:
     """(N, F) float64 rewards of N completions by F functions (NaN where a function returned None).
 
-    Raises ConfigError when a function returns the wrong count or a value that is not a number.
+    Raises ConfigError when a function raises, returns the wrong count or a value that is not a number.
     """
     n = len(completions)
     out = np.empty((n, len(rewards)), dtype=np.float64)
     for j, r in enumerate(rewards):
-        values = r.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        try:
+            values = r.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        except ConfigError:
+            raise
+        except Exception as e:  # the user's function failed: say where, on one line
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            raise ConfigError(f"--reward {r.spec or r.name} raised {type(e).__name__}: {e} (at {frame.filename}:"
+                              f"{frame.lineno}); fix the function or drop the --reward") from None
         values = list(values) if values is not None else []
         if len(values) != n:
-            raise ConfigError(f"--reward {r.name} returned {len(values)} values for {n} completions; "
+            raise ConfigError(f"--reward {r.spec or r.name} returned {len(values)} values for {n} completions; "
                               "return one float per completion")
         for i, v in enumerate(values):
             if v is None:
                 out[i, j] = np.nan
             elif isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v):
-                raise ConfigError(f"--reward {r.name} returned {v!r} for completion {i}; return a finite float "
+                raise ConfigError(f"--reward {r.spec or r.name} returned {v!r} for completion {i}; return a finite float "
                                   "(or None to leave it unscored)")
             else:
                 out[i, j] = float(v)
