@@ -6,7 +6,7 @@
 choices and checks they share. Each validates itself in `__post_init__`, naming the flag.
 """
 
-from .choices import (ALL_LINEAR, BITS, DTYPE_NAMES, FUSE_STRATEGIES, GROUP_SIZES, SCHEDULES, SIZE_UNITS, check_bits,
+from .choices import (ALL_LINEAR, BITS, DTYPE_NAMES, FUSE_STRATEGIES, GROUP_SIZES, SCHEDULES, SIZE_UNITS, TRACKERS, check_bits,
                       check_dtype, given, parse_size)
 from .evaluate import DEFAULT_METRICS, BenchmarkConfig, GenerativeEvalConfig
 from .lora import LoraConfig
@@ -16,4 +16,4 @@ from .train import FLAG_FIELDS, TrainConfig, build_train_config, load_config_fil
 __all__ = ["ALL_LINEAR", "BITS", "DTYPE_NAMES", "FUSE_STRATEGIES", "GROUP_SIZES", "SCHEDULES", "SIZE_UNITS",
            "check_bits", "check_dtype", "given", "parse_size", "LoraConfig", "EvalConfig", "ExportConfig",
            "FuseConfig", "GenerateConfig", "ServeConfig", "FLAG_FIELDS", "TrainConfig", "build_train_config",
-           "load_config_file", "DEFAULT_METRICS", "BenchmarkConfig", "GenerativeEvalConfig"]
+           "load_config_file", "TRACKERS", "DEFAULT_METRICS", "BenchmarkConfig", "GenerativeEvalConfig"]

@@ -15,6 +15,7 @@ BITS = (2, 3, 4, 5, 6, 8)  # quantization widths MLX's affine mode has
 GROUP_SIZES = (32, 64, 128)  # group sizes MLX's affine quantization supports
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # float dtypes for compute and for written weights
 SCHEDULES = ("cosine", "linear", "constant")
+TRACKERS = ("wandb", "mlflow", "tensorboard", "trackio")  # train --report-to (mlxlora/train/trackers.py)
 FUSE_STRATEGIES = ("naive", "grid", "gptq", "refit")  # fuse.requant.STRATEGIES, in this order
 # Decimal units as transformers/huggingface_hub read "5GB"; binary ones for "4GiB".
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
