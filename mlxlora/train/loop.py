@@ -34,7 +34,7 @@ from .progress import Progress
 from .record import resume_drift, run_record
 from .signals import StopSignals
 from .step import Stepper, grad_checkpoint_blocks, make_optimizer
-from .trackers import report_to
+from .trackers import check_trackers, report_to
 
 
 @dataclass
@@ -324,6 +324,7 @@ def train(cfg: TrainConfig, base: Base | None = None, resume: str | None = None,
 
     callbacks: functions called with the TrainerState after every optimizer step.
     """
+    check_trackers(cfg)
     trainer = Trainer(cfg, base=base, resume=resume, console=console, callbacks=callbacks)
     with report_to(trainer):  # --report-to: wandb / mlflow / tensorboard / trackio (train/trackers.py)
         return trainer.run()

@@ -161,6 +161,15 @@ class Reporter:
             t.finish()
 
 
+MODULES = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard", "trackio": "trackio"}
+
+
+def check_trackers(cfg) -> None:
+    """Import the library of every tracker cfg.report_to names: a missing one is one line, before the model loads."""
+    for n in parse_report_to(cfg.report_to):
+        _import(n, MODULES[n])
+
+
 @contextmanager
 def report_to(trainer):
     """Open the trackers cfg.report_to names for `trainer` (rank 0 only), hook them in, close them after."""
@@ -195,4 +204,4 @@ def report_to(trainer):
         raise
 
 
-__all__ = ["TRACKERS", "parse_report_to", "flatten", "Reporter", "report_to"]
+__all__ = ["TRACKERS", "parse_report_to", "flatten", "Reporter", "check_trackers", "report_to"]
