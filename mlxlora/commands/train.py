@@ -99,6 +99,8 @@ def train_options(f):
         click.option("--dtype", type=DTYPE, help="Compute dtype (default float32 on CPU)."),
         click.option("--resume", help="Continue from a checkpoint or an adapter folder with checkpoints/."),
         click.option("--force", is_flag=True, default=None, help="Replace an existing adapter folder."),
+        click.option("--report-to", metavar="TRACKERS",
+                     help="Log the progress metrics and config to any of wandb,mlflow,tensorboard,trackio."),
     ]
     for o in reversed(opts):
         f = o(f)

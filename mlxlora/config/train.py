@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ConfigError, choice_error
 from ..files import path_problem
-from .choices import ALL_LINEAR, BITS, GROUP_SIZES, SCHEDULES, check_dtype, number, positive
+from .choices import ALL_LINEAR, BITS, GROUP_SIZES, SCHEDULES, TRACKERS, check_dtype, number, positive
 from .lora import LoraConfig
 from .grpo import GRPOConfig
 from .preference import PreferenceConfig
@@ -57,6 +57,7 @@ class TrainConfig:
     early_stop: int | None = None  # stop after this many validations without improvement
     ignore_base_mismatch: bool = False  # --resume onto a base whose fingerprint differs
     force: bool = False
+    report_to: str | list[str] | None = None  # "wandb,mlflow,tensorboard,trackio" (mlxlora.train.trackers)
 
     def __post_init__(self):
         if isinstance(self.lora, dict):
@@ -98,6 +99,11 @@ class TrainConfig:
             number("--clip-grad", self.clip_grad, low=0.0, low_open=True)
         if self.dtype is not None:
             check_dtype(self.dtype)
+        if self.report_to is not None:
+            names = self.report_to.split(",") if isinstance(self.report_to, str) else list(self.report_to)
+            unknown = [n for n in (x.strip() for x in names) if n and n not in TRACKERS]
+            if unknown:
+                raise choice_error("--report-to", ",".join(unknown), TRACKERS)
 
     @property
     def total_iters_fixed(self) -> bool:

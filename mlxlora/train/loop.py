@@ -40,6 +40,7 @@ from .progress import Progress
 from .record import resume_drift, run_record
 from .signals import StopSignals
 from .step import Stepper, grad_checkpoint_blocks, make_optimizer
+from .trackers import check_trackers, report_to
 
 
 @dataclass
@@ -394,4 +395,7 @@ def train(cfg: TrainConfig, base: Base | None = None, resume: str | None = None,
 
     callbacks: functions called with the TrainerState after every optimizer step.
     """
-    return Trainer(cfg, base=base, resume=resume, console=console, callbacks=callbacks).run()
+    check_trackers(cfg)
+    trainer = Trainer(cfg, base=base, resume=resume, console=console, callbacks=callbacks)
+    with report_to(trainer):  # --report-to: wandb / mlflow / tensorboard / trackio (train/trackers.py)
+        return trainer.run()
