@@ -29,7 +29,7 @@ from .batches import BatchPlan
 from .checkpoint import (TrainerState, best_checkpoint, latest_checkpoint, latest_path, list_checkpoints,
                          load_trainer_state, remove_stale_temps, save_checkpoint, write_final)
 from .folders import check_inputs, plan_run_folder
-from .memory import memory_warning
+from .memory import MemoryGuard, auto_fit, memory_warning, resume_hint
 from .plot import plot_losses
 from .progress import Progress
 from .record import resume_drift, run_record
@@ -67,6 +67,10 @@ class Trainer:
         files = D.find_split_files(cfg.data, cfg.train_file, cfg.valid_file)
         self.base = base or load_base(cfg.model, quantize=cfg.quantize, group_size=cfg.q_group_size, dtype=cfg.dtype)
         tok = self.base.tokenizer
+        fit_line = None
+        if cfg.auto_fit:  # before the data is cut to --max-seq-length and batched
+            cfg, fit_line = auto_fit(cfg, self.base)
+            self.cfg = cfg
         self.train_split = D.load_split(files["train"], tok, cfg.max_seq_length)
         self.valid_split = D.load_split(files["valid"], tok, cfg.max_seq_length) if "valid" in files else None
         if (cfg.save_best or cfg.early_stop) and self.valid_split is None:
@@ -88,6 +92,8 @@ class Trainer:
                 f"[yellow]warning: the tokenizer of {cfg.model or self.base.source} has no chat template; chat rows "
                 "are rendered with mlxlora's fallback format (### User: / ### Assistant:); it is recorded in the "
                 "adapter and generate / chat / serve use the same[/yellow]")
+        if fit_line:
+            self.progress.note(fit_line)
         warning = memory_warning(cfg, self.base, self.batches.pack_capacity)
         if warning:
             self.progress.console.print(f"[yellow]{warning}[/yellow]")
@@ -162,9 +168,13 @@ class Trainer:
     def _loop(self, model, optimizer, stepper, st, total, stop):
         cfg = self.cfg
         window_tokens, window_t, bad_in_row = 0, time.perf_counter(), 0
+        limit = int(cfg.memory_limit * 2**30) if cfg.memory_limit else machine_memory()[0]
+        guard = MemoryGuard(limit) if limit else None
         while st.step < total and not stop.hit:
             model.train()
             batches, real_tokens = self.batches.next(st)
+            if guard is not None and (why := guard.check(batches, after=False)):
+                self._memory_stop(model, optimizer, st, why)
             # Dropout noise depends on (seed, step) only, so a resumed run draws the same masks.
             mx.random.seed(cfg.seed * 1_000_003 + st.step)
             before = (model.trainable_parameters(), _copy_tree(optimizer.state))
@@ -204,9 +214,16 @@ class Trainer:
                 self._checkpoint(model, optimizer, st, best=best)
             for cb in self.callbacks:
                 cb(st)
+            if guard is not None and (why := guard.check(batches, after=True)):
+                self._memory_stop(model, optimizer, st, why)
             if cfg.early_stop and st.bad_vals >= cfg.early_stop:
                 self.early_stopped = True
                 break
+
+    def _memory_stop(self, model, optimizer, st, why: str):
+        path = self._checkpoint(model, optimizer, st)
+        raise TrainingStopped(f"memory guard at step {st.step}: {why}; checkpoint saved to {path}; "
+                              f"resume at a smaller batch with: {resume_hint(self.cfg, self.run_dir)}")
 
     @staticmethod
     def _improved(st: TrainerState, val: float) -> bool:
