@@ -56,7 +56,7 @@ class Stepper:
         chunk: tokens per chunk of the loss (loss.tokens.loss_sums; None: from the vocabulary, 0: plain)."""
         self.model, self.optimizer = model, optimizer
         self.group = group if group is not None and group.size() > 1 else None
-        vg = nn.value_and_grad(model, partial(loss_sums, chunk=chunk))
+        vg = nn.value_and_grad(model, partial(loss_sums, chunk=chunk, train=True))
 
         # model.state is an output too: value_and_grad swaps traced parameters into the model.
         @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
