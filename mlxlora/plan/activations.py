@@ -127,14 +127,15 @@ def activation_terms(shapes: ModelShapes, adapted: list[tuple[Matrix, int]], bat
         terms = {"kept for backward": sum(kept.values()) * act_bytes,
                  "backward working set": work, "logits and their gradient": logits}
     else:
-        # mx.checkpoint keeps each block's input: measured (mlx 0.32) ~3 (T, D) buffers per block. Two
-        # phases: the loss's backward (logits alive), then blocks recomputed one at a time, when each
-        # block with MLP adapters holds two (T, I) more (measured). The peak is the larger phase.
+        # Checkpointing keeps each block's input: measured (mlx 0.32) ~3 (T, D) buffers per block. Two
+        # phases: the loss's backward (logits alive), then blocks recomputed one at a time; the peak is
+        # the larger phase. Recomputed activations are freed block by block (train/step.checkpointed_call
+        # makes each block's adapter gradients come first; before that, each block with MLP adapters
+        # held two (T, I) more until the end of the backward).
         inputs = len(reached) * 3 * T * D * act_bytes
-        more = sum(2 * T * I for i in reached if i in mlp) * act_bytes
         block = max(kept.values(), default=0) * act_bytes
-        if more + block > logits:
-            terms = {"block inputs (checkpointed)": inputs + more, "one recomputed block": block}
+        if block > logits:
+            terms = {"block inputs (checkpointed)": inputs, "one recomputed block": block}
         else:
             terms = {"block inputs (checkpointed)": inputs, "logits and their gradient": logits}
         terms["backward working set"] = work
