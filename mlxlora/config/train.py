@@ -42,6 +42,8 @@ class TrainConfig:
     schedule: str = "cosine"
     clip_grad: float | None = 1.0
     grad_checkpoint: bool = False
+    auto_fit: bool = False  # choose batch size / checkpointing / max_seq_length from the planner
+    memory_limit: float | None = None  # GiB; None: this machine's (plan.machine_memory)
     max_seq_length: int = 2048
     pad_multiple: int = 8
     pack: bool | None = None  # None: pack when it cuts padding (see Trainer._choose_packing)
@@ -97,6 +99,8 @@ class TrainConfig:
             raise choice_error("--schedule", self.schedule, SCHEDULES)
         if self.clip_grad is not None:
             number("--clip-grad", self.clip_grad, low=0.0, low_open=True)
+        if self.memory_limit is not None:
+            self.memory_limit = number("--memory-limit", self.memory_limit, low=0.0, low_open=True)
         if self.dtype is not None:
             check_dtype(self.dtype)
         if self.report_to is not None:
@@ -169,7 +173,8 @@ def build_train_config(file_values: dict[str, Any] | None, flag_values: dict[str
     """
     merged: dict[str, Any] = {}
     float_keys = {"lr", "weight_decay", "clip_grad", "alpha", "dropout", "beta", "label_smoothing", "gamma",
-                  "desirable_weight", "undesirable_weight", "temperature", "top_p", "epsilon", "epsilon_high"}
+                  "desirable_weight", "undesirable_weight", "temperature", "top_p", "epsilon", "epsilon_high",
+                  "memory_limit"}
     given_keys = {k.replace("-", "_") for k, v in (*(file_values or {}).items(), *flag_values.items()) if v is not None}
     kept = {k: v for k, v in stored_flags(stored or {}).items()
             if not any(a == k and b in given_keys or b == k and a in given_keys for a, b in EXCLUSIVE)}

@@ -157,8 +157,13 @@ def plan_training(model_spec: str | dict | ModelShapes, lora: LoraConfig, *, qua
     base = base_bytes(shapes, compute_dtype)  # None: every tensor as stored (load_base off the CPU)
     compute_dtype = compute_dtype or {v: k for k, v in DTYPE_CODES.items()}.get(_float_dtype(shapes), "float16")
     backend = backend or default_backend()
+    if memory_bytes is None:
+        memory_bytes, memory_source = machine_memory()
+    else:
+        memory_source = "given"
     terms = activation_terms(shapes, adapted, rows * batch_size, max_seq_length, grad_checkpoint,
-                             BYTES[DTYPE_CODES[compute_dtype]], lora.use_dora, backend == "cpu", loss_fraction)
+                             BYTES[DTYPE_CODES[compute_dtype]], lora.use_dora, backend == "cpu", loss_fraction,
+                             memory_bytes)
     params, moments = 4 * trainable, 8 * trainable  # adapters train in float32; AdamW: m and v
     grads = params * (2 if grad_accum > 1 else 1)  # + the running sum when accumulating
     reference = params if pref.needs_reference else 0  # the frozen --init-adapter tensors
@@ -166,10 +171,6 @@ def plan_training(model_spec: str | dict | ModelShapes, lora: LoraConfig, *, qua
     # The update holds the gradients, their clipped copy and the new parameters and moments next to
     # the old ones: measured 4.3x the adapter's float32 size on top of the static state (mlx 0.32).
     peak = max(static + grads + sum(terms.values()), static + grads - params + int(4.3 * params))
-    if memory_bytes is None:
-        memory_bytes, memory_source = machine_memory()
-    else:
-        memory_source = "given"
     name = shapes.config.get("model_type", "config") if isinstance(model_spec, (dict, ModelShapes)) else str(model_spec)
     return Plan(
         model=name, source=shapes.source, total_params=count_params(shapes) + trainable,
@@ -201,39 +202,57 @@ def _float_dtype(shapes: ModelShapes) -> str:
 
 @dataclass
 class Fit:
-    """The largest batch that fits, and whether it needs --grad-checkpoint (batch_size 0: nothing fits)."""
+    """The largest batch that fits, whether it needs --grad-checkpoint, and the --max-seq-length it is
+    planned at (the one asked for, or the longest that fits at batch 1 when not even that fits;
+    batch_size 0: nothing fits, not even 1 x 64 tokens)."""
 
     batch_size: int
     grad_checkpoint: bool
     plan: Plan
+    max_seq_length: int = TrainConfig.max_seq_length
+
+
+def _largest(fits, top: int) -> int:
+    """The largest n in 1..top with fits(n) (fits grows false with n): double, then bisect; 0 if none."""
+    lo, hi = 0, 1
+    while hi <= top and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, top + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+MIN_FIT_LENGTH = 64  # --fit never proposes sequences shorter than this
 
 
 def suggest_fit(model_spec, lora: LoraConfig, *, memory_bytes: int | None = None, max_batch: int = 4096,
                 **kwargs) -> Fit:
     """The largest batch size whose predicted peak fits in `memory_bytes` (default: this machine's).
 
-    Without --grad-checkpoint when a batch of 1 fits that way, else with it. kwargs: as plan_training.
+    Without --grad-checkpoint when a batch of 1 fits that way, else with it; when not even a batch of
+    1 fits with it, the longest --max-seq-length (a multiple of 64) that does. kwargs: as plan_training.
     """
     shapes = model_spec if isinstance(model_spec, ModelShapes) else read_model(model_spec)
     kwargs = {k: v for k, v in kwargs.items() if k not in ("batch_size", "grad_checkpoint")}
+    length = kwargs.pop("max_seq_length", TrainConfig.max_seq_length)
     memory_bytes = memory_bytes or machine_memory()[0]
     if memory_bytes is None:
         raise ModelError("cannot tell this machine's memory; pass --memory-gb")
 
-    def at(batch: int, ckpt: bool) -> Plan:
-        return plan_training(shapes, lora, batch_size=batch, grad_checkpoint=ckpt, memory_bytes=memory_bytes, **kwargs)
+    def at(batch: int, ckpt: bool, seq: int = length) -> Plan:
+        return plan_training(shapes, lora, batch_size=batch, grad_checkpoint=ckpt, memory_bytes=memory_bytes,
+                             max_seq_length=seq, **kwargs)
 
     for ckpt in (False, True):
-        lo, hi = 0, 1  # the peak grows with the batch: double, then bisect
-        while hi <= max_batch and at(hi, ckpt).fits:
-            lo, hi = hi, hi * 2
-        hi = min(hi, max_batch + 1)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if at(mid, ckpt).fits else (lo, mid)
-        if lo:
-            return Fit(lo, ckpt, at(lo, ckpt))
-    return Fit(0, True, at(1, True))
+        best = _largest(lambda b: at(b, ckpt).fits, max_batch)
+        if best:
+            return Fit(best, ckpt, at(best, ckpt), length)
+    units = _largest(lambda n: at(1, True, n * MIN_FIT_LENGTH).fits, length // MIN_FIT_LENGTH)
+    if units:
+        return Fit(1, True, at(1, True, units * MIN_FIT_LENGTH), units * MIN_FIT_LENGTH)
+    return Fit(0, True, at(1, True), length)
 
 
 def format_plan(plan: Plan) -> str:

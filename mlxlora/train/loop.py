@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 import math
 import shutil
 import time
@@ -32,7 +31,7 @@ from .batches import BatchPlan
 from .checkpoint import (TrainerState, best_checkpoint, latest_checkpoint, latest_path, list_checkpoints,
                          load_trainer_state, remove_stale_temps, save_checkpoint, write_final)
 from .folders import check_inputs, plan_run_folder
-from .memory import memory_warning
+from .memory import MemoryGuard, auto_fit, memory_warning, resume_hint
 from . import grpo as G
 from . import preference as P
 from .plot import plot_losses
@@ -78,6 +77,10 @@ class Trainer:
         files = D.find_split_files(data, cfg.train_file, cfg.valid_file)
         self.base = base or load_base(cfg.model, quantize=cfg.quantize, group_size=cfg.q_group_size, dtype=cfg.dtype)
         tok = self.base.tokenizer
+        fit_line = None
+        if cfg.auto_fit:  # before the data is cut to --max-seq-length and batched
+            cfg, fit_line = auto_fit(cfg, self.base)
+            self.cfg = cfg
         if self.method == "sft":
             load = lambda f: D.load_split(f, tok, cfg.max_seq_length)  # noqa: E731
         else:
@@ -115,6 +118,8 @@ class Trainer:
                 f"[yellow]warning: the tokenizer of {cfg.model or self.base.source} has no chat template; chat rows "
                 "are rendered with mlxlora's fallback format (### User: / ### Assistant:); it is recorded in the "
                 "adapter and generate / chat / serve use the same[/yellow]")
+        if fit_line:
+            self.progress.note(fit_line)
         warning = memory_warning(cfg, self.base, self.batches.pack_capacity)
         if warning:
             self.progress.console.print(f"[yellow]{warning}[/yellow]")
@@ -158,12 +163,13 @@ class Trainer:
             self._reference(model)
         # the loss's chunk of tokens: sized from the head's vocabulary and this machine's memory
         chunk = model_chunk_rows(model, machine_memory()[0])
-        loss_fn = partial(loss_sums, chunk=chunk) if self.method == "sft" else P.loss_fn(cfg)
         if self.method == "grpo":
             stepper = G.make_stepper(model, optimizer, self.base.tokenizer, cfg, self.rewards, self.pad_id,
                                      self.ref_tensors)
         else:
-            stepper = Stepper(model, optimizer, cfg.clip_grad, group=self.group, loss_fn=loss_fn)
+            sft = self.method == "sft"
+            stepper = Stepper(model, optimizer, cfg.clip_grad, group=self.group,
+                              loss_fn=loss_sums if sft else P.loss_fn(cfg), chunk=chunk if sft else None)
         trainable, n_params = count_parameters(model)
         self.progress.start(total, st.step, trainable, n_params, self.train_split.stats, cfg)
         base_val = None
@@ -202,9 +208,13 @@ class Trainer:
     def _loop(self, model, optimizer, stepper, st, total, stop):
         cfg = self.cfg
         window_tokens, window_t, bad_in_row = 0, time.perf_counter(), 0
+        limit = int(cfg.memory_limit * 2**30) if cfg.memory_limit else machine_memory()[0]
+        guard = MemoryGuard(limit) if limit else None
         while st.step < total and not stop.hit:
             model.train()
             batches, real_tokens = self.batches.next(st)
+            if guard is not None and (why := guard.check(batches, after=False)):
+                self._memory_stop(model, optimizer, st, why)
             # Dropout noise depends on (seed, step) only, so a resumed run draws the same masks.
             mx.random.seed(cfg.seed * 1_000_003 + st.step)
             before = (model.trainable_parameters(), _copy_tree(optimizer.state))
@@ -251,9 +261,16 @@ class Trainer:
                 self._checkpoint(model, optimizer, st, best=best)
             for cb in self.callbacks:
                 cb(st)
+            if guard is not None and (why := guard.check(batches, after=True)):
+                self._memory_stop(model, optimizer, st, why)
             if cfg.early_stop and st.bad_vals >= cfg.early_stop:
                 self.early_stopped = True
                 break
+
+    def _memory_stop(self, model, optimizer, st, why: str):
+        path = self._checkpoint(model, optimizer, st)
+        raise TrainingStopped(f"memory guard at step {st.step}: {why}; checkpoint saved to {path}; "
+                              f"resume at a smaller batch with: {resume_hint(self.cfg, self.run_dir)}")
 
     @staticmethod
     def _improved(st: TrainerState, val: float) -> bool:
