@@ -21,6 +21,7 @@ from ..adapters import RECORD_FILE
 from ..files import read_json_or_empty, write_failure
 from ..formats.record import nonfinite_tensors
 from ..inference import evaluate
+from ..lora import report
 from ..lora.surgery import count_parameters, get_lora_model
 from ..models import Base, describe_base, load_base
 from .batches import BatchPlan
@@ -78,6 +79,8 @@ class Trainer:
         if self.batches.pack:
             self.progress.note(f"packing: rows of up to {self.batches.pack_capacity} tokens; padding "
                                f"{100 * self.batches.pad_fraction:.0f}% → {100 * self.batches.packed_padding():.0f}%")
+        if self.batches.pack_note:
+            self.progress.note(self.batches.pack_note)
         if self.world > 1:
             self.progress.note(f"data parallel: {self.world} ranks × batch {cfg.batch_size} = global batch "
                                f"{self.batches.global_batch}")
@@ -106,6 +109,7 @@ class Trainer:
         self.base_info = describe_base(model, self.base.config, self.base.info.get("fingerprint"),
                                        self.base.info.get("content"))  # before wrapping
         get_lora_model(model, cfg.lora)
+        self._report_adapted(model)
         if cfg.grad_checkpoint:
             grad_checkpoint_blocks(model)
         total = self.total_steps()
@@ -182,6 +186,8 @@ class Trainer:
                                           f"{self.run_dir / 'checkpoints'}")
                 continue
             bad_in_row = 0
+            if st.step == 1:
+                self._report_dead(stepper)
             st.tokens += real_tokens
             window_tokens += real_tokens
             tps = window_tokens / max(time.perf_counter() - window_t, 1e-9)
@@ -203,6 +209,22 @@ class Trainer:
             if cfg.early_stop and st.bad_vals >= cfg.early_stop:
                 self.early_stopped = True
                 break
+
+    def _report_adapted(self, model) -> None:
+        """Say what was adapted by module kind, and warn about linear-like modules left frozen."""
+        for line in report.describe(model):
+            if line.startswith("warning"):
+                self.progress.console.print(f"[yellow]{line}[/yellow]")
+            else:
+                self.progress.note(line)
+
+    def _report_dead(self, stepper) -> None:
+        dead = report.dead_adapters(stepper.last_grads)
+        if dead:
+            self.progress.console.print(
+                f"[yellow]warning: {len(dead)} adapter(s) got an all-zero gradient in step 1 (e.g. {dead[0]}): "
+                "nothing flows back to them (an indexer or router whose output only selects, or experts that "
+                "got no token); they will not train unless that changes — drop them from --target[/yellow]")
 
     @staticmethod
     def _improved(st: TrainerState, val: float) -> bool:

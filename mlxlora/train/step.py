@@ -97,6 +97,7 @@ class Stepper:
         elif self.group is not None:
             total_l, total_n, acc = all_sum_tree((total_l, total_n, acc), self.group)
         ntok = mx.maximum(total_n, 1)
+        self.last_grads = acc  # summed adapter gradients of this step (the start-up report reads step 1's)
         norm = self.update(acc, ntok)
         return total_l / ntok, total_n, norm
 
