@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import data as D
@@ -25,6 +24,8 @@ from ..inference import evaluate
 from ..lora.surgery import adapter_parameters, count_parameters, get_lora_model
 from ..loss.chunked import model_chunk_rows
 from ..loss.tokens import loss_sums
+from .notes import report_adapted, report_dead
+from .trees import assign_tree, copy_tree, jsonable
 from ..models import Base, describe_base, load_base
 from ..plan import machine_memory
 from .batches import BatchPlan
@@ -110,6 +111,8 @@ class Trainer:
                                f"{100 * self.batches.pad_fraction:.0f}% → {100 * self.batches.packed_padding():.0f}%")
         if self.method != "sft":
             self.progress.note("method: " + ", ".join(f"{k} {v}" for k, v in cfg.method_params().items()))
+        if self.batches.pack_note:
+            self.progress.note(self.batches.pack_note)
         if self.world > 1:
             self.progress.note(f"data parallel: {self.world} ranks × batch {cfg.batch_size} = global batch "
                                f"{self.batches.global_batch}")
@@ -145,6 +148,7 @@ class Trainer:
             self.ref_tensors = dict(adapter_parameters(model))
         else:
             get_lora_model(model, cfg.lora)
+        report_adapted(self.progress, model)
         if cfg.grad_checkpoint:
             grad_checkpoint_blocks(model)
         total = self.total_steps()
@@ -217,7 +221,7 @@ class Trainer:
                 self._memory_stop(model, optimizer, st, why)
             # Dropout noise depends on (seed, step) only, so a resumed run draws the same masks.
             mx.random.seed(cfg.seed * 1_000_003 + st.step)
-            before = (model.trainable_parameters(), _copy_tree(optimizer.state))
+            before = (model.trainable_parameters(), copy_tree(optimizer.state))
             loss, ntok, norm = stepper.step(batches)
             mx.eval(loss, ntok, norm, model.state, optimizer.state)
             loss_v = loss.item()
@@ -225,7 +229,7 @@ class Trainer:
             if not (math.isfinite(loss_v) and math.isfinite(norm.item())):
                 # Undo the update: parameters and optimizer moments go back to the last good values.
                 model.update(before[0])
-                _assign_tree(optimizer.state, before[1])
+                assign_tree(optimizer.state, before[1])
                 st.nonfinite_skipped += 1
                 bad_in_row += 1
                 self.progress.note(f"step {st.step}: non-finite loss/gradient, update skipped "
@@ -239,6 +243,8 @@ class Trainer:
             if self.method == "grpo":  # tokens are the sampled completions'; the step's rewards, KL, lengths
                 real_tokens, self.metrics = int(ntok.item()), G.step_metrics(stepper.last)
                 st.method_log.append([st.step, self.metrics])
+            if st.step == 1:
+                report_dead(self.progress, stepper)
             st.tokens += real_tokens
             window_tokens += real_tokens
             tps = window_tokens / max(time.perf_counter() - window_t, 1e-9)
@@ -332,7 +338,7 @@ class Trainer:
             final.update(early_stopped_at=st.step, best_step=st.best_step, best_val_loss=st.best_val)
         split = self.train_split
         template = {"source": split.template, "template": split.template_text} if split.template else None
-        return {"train_config": _jsonable(asdict(self.cfg)), "chat_template": template,
+        return {"train_config": jsonable(asdict(self.cfg)), "chat_template": template,
                 "run_record": run_record(self.base, self.files, {"train": self.train_split, "valid": self.valid_split},
                                          self.cfg, st, resumed_from=self.resume, **final)}
 
@@ -375,35 +381,6 @@ class Trainer:
             self.progress.console.print(f"[yellow]warning: --resume does not continue exactly, since the checkpoint "
                                         f"was written: {'; '.join(drift)}[/yellow]")
         return st
-
-
-def _copy_tree(tree):
-    """A new container tree holding the same (immutable) arrays."""
-    if isinstance(tree, dict):
-        return {k: _copy_tree(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_copy_tree(v) for v in tree]
-    return tree
-
-
-def _assign_tree(dst, src):
-    """Write src's leaves into dst's containers in place (compiled steps hold dst itself)."""
-    items = dst.items() if isinstance(dst, dict) else enumerate(dst)
-    for k, v in list(items):
-        if isinstance(v, (dict, list)):
-            _assign_tree(v, src[k])
-        else:
-            dst[k] = src[k]
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.generic,)):
-        return obj.item()
-    return obj
 
 
 def train(cfg: TrainConfig, base: Base | None = None, resume: str | None = None, console=None,

@@ -110,6 +110,7 @@ class Stepper:
             total_l, total_n, total_m, acc = all_sum_tree((total_l, total_n, total_m, acc), self.group)
         self.metrics = total_m
         ntok = mx.maximum(total_n, 1)
+        self.last_grads = acc  # summed adapter gradients of this step (the start-up report reads step 1's)
         norm = self.update(acc, ntok)
         return total_l / ntok, total_n, norm
 
