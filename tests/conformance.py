@@ -26,7 +26,7 @@ import arch_configs as A
 import tiny
 from mlxlora import LoraConfig
 from mlxlora.adapters import load_adapter, save_adapter
-from mlxlora.data.packing import PACKABLE, collate_packed, pack_rows
+from mlxlora.data.packing import collate_packed, pack_rows, packing_refusal
 from mlxlora.errors import MlxloraError
 from mlxlora.formats import gguf_lora
 from mlxlora.lora.quant import use_fast_cpu_path
@@ -214,8 +214,10 @@ def packing_equal(arch: str) -> str:
     rng = np.random.default_rng(3)
     from mlxlora.data import Sample, collate
 
-    samples = [Sample(rng.integers(3, A.VOCAB, n).tolist(), [False] * 2 + [True] * (n - 2)) for n in (7, 9, 12)]
-    rows = pack_rows([len(s.ids) - 1 for s in samples], capacity=32)
+    # two packed rows (B > 1), one sample longer than the sliding window (16) of the windowed models
+    samples = [Sample(rng.integers(3, A.VOCAB, n).tolist(), [False] * 2 + [True] * (n - 2)) for n in (21, 10, 15, 7)]
+    rows = pack_rows([len(s.ids) - 1 for s in samples], capacity=30)
+    assert len(rows) == 2 and all(len(r) == 2 for r in rows), rows
     x, y, m, seg = (mx.array(a) for a in collate_packed(samples, rows, 8, 0))
     try:
         ce = nn.losses.cross_entropy(packed_logits(model, x, seg).astype(mx.float32), y) * m
@@ -229,6 +231,15 @@ def packing_equal(arch: str) -> str:
             if abs(packed - alone) > 1e-4 * max(1.0, abs(alone)):
                 return f"packed loss {packed:.4f} != alone {alone:.4f}"
     return OK
+
+
+def peft_parity(arch: str) -> str:
+    """The PEFT-parity cell: what tests/test_transformers5.py checks for `arch` (it runs there, with torch)."""
+    import hf_twins as H
+
+    if arch in H.HF_TWINS:
+        return OK if arch not in H.PEFT_TARGETS else f"ok ({H.PEFT_TARGETS[arch][1]})"
+    return H.HF_REFUSED.get(arch, "no transformers twin")
 
 
 def check(arch: str) -> Row:
@@ -250,6 +261,7 @@ def check(arch: str) -> Row:
     row.cells["DoRA"] = check_dora(arch)
     row.cells["QLoRA"] = check_qlora(arch)
     model_type = A.config_for(arch)["model_type"]
-    row.cells["packing"] = packing_equal(arch) if model_type in PACKABLE else "refused"
-    row.cells["PEFT parity"] = "not checked"
+    refusal = packing_refusal(model_type)
+    row.cells["packing"] = packing_equal(arch) if refusal is None else f"refused: {refusal}"
+    row.cells["PEFT parity"] = peft_parity(arch)
     return row

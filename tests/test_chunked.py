@@ -42,10 +42,11 @@ def _model(tmp_path, arch, quantize, targets, tied=None):
     return model
 
 
-def _compare(model, batch, rtol=1e-5):
+def _compare(model, batch, rtol=1e-5, train=False):
+    """train: the training form (gradient formed in the forward); else the recomputing VJP."""
     vg = nn.value_and_grad(model, loss_sums)
     (plain, n), g_plain = vg(model, *batch, chunk=0)
-    (chunk, n2), g_chunk = vg(model, *batch)
+    (chunk, n2), g_chunk = vg(model, *batch, train=train)
     assert n.item() == n2.item()
     assert chunk.item() == pytest.approx(plain.item(), rel=rtol)
     a, b = dict(tree_flatten(g_plain)), dict(tree_flatten(g_chunk))
@@ -71,22 +72,24 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("arch,quantize,targets,tied", CASES)
-def test_chunked_loss_and_grads_equal_plain(arch, quantize, targets, tied, tmp_path, monkeypatch):
+def test_chunked_loss_and_grads_equal_plain(arch, quantize, targets, tied, train, tmp_path, monkeypatch):
     model = _model(tmp_path, arch, quantize, targets, tied)
     assert chunked.head_parts(model) is not None
     x, y, m = _batch()
     batch = [mx.array(a) for a in (x, y, m)]
     # small chunks so every batch spans several, with a ragged last one (40 * 3 = 120 tokens)
     monkeypatch.setattr(chunked, "chunk_rows", lambda vocab, memory_bytes=None: 16)
-    grads = _compare(model, batch)
+    grads = _compare(model, batch, train=train)
     if "lm_head" in targets or "embed_tokens" in targets:
         assert any(k.startswith(("lm_head", "model.embed_tokens")) for k in grads)
     # the head only at loss rows, then chunked
-    _compare(model, [*batch, None, mx.array(target_rows(m))])
+    _compare(model, [*batch, None, mx.array(target_rows(m))], train=train)
 
 
-def test_a_wrong_chunk_boundary_is_caught(tmp_path, monkeypatch):
+@pytest.mark.parametrize("train", [False, True])
+def test_a_wrong_chunk_boundary_is_caught(train, tmp_path, monkeypatch):
     """Chunks (0, 16), (15, 31), (32, 48), ...: token 15 twice, token 31 never; the comparison must fail."""
     model = _model(tmp_path, "qwen3", None, ["q_proj", "embed_tokens"], True)
     x, y, m = _batch()
@@ -101,7 +104,7 @@ def test_a_wrong_chunk_boundary_is_caught(tmp_path, monkeypatch):
 
     monkeypatch.setattr(chunked, "chunk_bounds", wrong)
     with pytest.raises(AssertionError):
-        _compare(model, batch)
+        _compare(model, batch, train=train)
 
 
 def test_chunk_rows_scale_with_vocab_and_memory():

@@ -3,6 +3,7 @@ the SQuAD script), answers against mlx-lm's own generation of the same model, th
 one-line errors (a row without a reference, an unknown metric, a report already there)."""
 
 import json
+import sys
 
 import pytest
 
@@ -183,3 +184,27 @@ def test_eval_generate_cli_errors(setup, tmp_path, cli):
     tiny.one_line_error(cli("eval", "--model", src, "--data", data, "--metric", "exact"),
                         "--metric is only read with --generate")
     tiny.one_line_error(cli(*base, "--tasks", "x"), "--generate and --tasks")
+
+
+def test_missing_libraries_are_one_line_naming_the_pip_install(monkeypatch, tmp_path):
+    from mlxlora.data.sources import prepare_data
+    from mlxlora.evaluate import metrics
+    from mlxlora.evaluate.harness import check_tasks
+    from mlxlora.config import BenchmarkConfig
+
+    metrics._rouge_scorer.cache_clear()
+    monkeypatch.setitem(sys.modules, "rouge_score", None)
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    try:
+        with pytest.raises(ConfigError, match="--metric rougeL needs the rouge_score library .*; pip install rouge-score"):
+            resolve_metrics(["exact", "rougeL"])
+        with pytest.raises(ConfigError, match="pip install sacrebleu"):
+            resolve_metrics(["chrf"])
+    finally:
+        metrics._rouge_scorer.cache_clear()
+    with pytest.raises(ConfigError, match=r"--tasks needs lm-evaluation-harness; pip install 'mlxlora\[eval\]'"):
+        check_tasks(BenchmarkConfig(tasks=["arc_easy"]))
+    with pytest.raises(ConfigError, match="needs the datasets library; pip install datasets"):
+        prepare_data("org/name", root=tmp_path)

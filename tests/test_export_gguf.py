@@ -41,7 +41,7 @@ def test_transformers_gguf_loader_gives_the_same_logits(tmp_path, arch):
     from transformers import AutoModelForCausalLM
 
     # transformers' qwen3 GGUF mapping ignores key_length and assumes head_dim 128 (every real Qwen3)
-    src = tiny.make_model(tmp_path / "src", arch, **({"head_dim": 128} if arch == "qwen3" else {}))
+    src = tiny.make_bpe_model(tmp_path / "src", arch, **({"head_dim": 128} if arch == "qwen3" else {}))
     base, path = _export(src, tmp_path / "out")
     ref = np.array(base.model(mx.array(IDS)))
     peer = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
@@ -51,16 +51,16 @@ def test_transformers_gguf_loader_gives_the_same_logits(tmp_path, arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_f32_round_trip_through_the_importer_is_exact(tmp_path, arch, tiny_dirs):
+def test_f32_round_trip_through_the_importer_is_exact(tmp_path, arch, tiny_bpe_dirs):
     from mlxlora.models import load_base
     from mlxlora.models.gguf import convert_gguf
 
-    base, path = _export(tiny_dirs[arch], tmp_path / "out")
+    base, path = _export(tiny_bpe_dirs[arch], tmp_path / "out")
     back = load_base(str(convert_gguf(path, tmp_path / "back"))).model
     assert mx.array_equal(back(mx.array(IDS)), base.model(mx.array(IDS)))
 
 
-def test_types_and_their_error(tmp_path, tiny_dirs):
+def test_types_and_their_error(tmp_path, tiny_bpe_dirs):
     """1-D tensors stay F32; matrices take the type; q4_0 keeps token_embd/output at Q8_0; error grows as bits fall."""
     from gguf import quants
 
@@ -68,7 +68,7 @@ def test_types_and_their_error(tmp_path, tiny_dirs):
 
     errors = {}
     for t, matrix in (("f32", "F32"), ("f16", "F16"), ("bf16", "BF16"), ("q8_0", "Q8_0"), ("q4_0", "Q4_0")):
-        base, path = _export(tiny_dirs["llama"], tmp_path / t, t)
+        base, path = _export(tiny_bpe_dirs["llama"], tmp_path / t, t)
         reader, meta = _reader(path)
         want = gguf_tensors(base.model, base.config)
         types = {x.name: x.tensor_type.name for x in reader.tensors}
@@ -85,12 +85,12 @@ def test_types_and_their_error(tmp_path, tiny_dirs):
     assert 0 < errors["f16"] < errors["bf16"] < errors["q8_0"] < errors["q4_0"] < 0.1, errors
 
 
-def test_metadata_and_tokenizer(tmp_path, tiny_dirs):
+def test_metadata_and_tokenizer(tmp_path, tiny_bpe_dirs):
     from tokenizers import Tokenizer
 
     from mlxlora.models.gguf_tokenizer import build_tokenizer
 
-    src = tiny_dirs["llama"]
+    src = tiny_bpe_dirs["llama"]
     _, path = _export(src, tmp_path / "out")
     _, meta = _reader(path)
     config = json.loads((src / "config.json").read_text())
@@ -100,6 +100,7 @@ def test_metadata_and_tokenizer(tmp_path, tiny_dirs):
     assert meta["llama.rope.freq_base"] == pytest.approx(config["rope_theta"])
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
     assert meta["tokenizer.ggml.tokens"][:3] == tiny.SPECIALS and meta["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 1]
+    assert meta["tokenizer.ggml.merges"] == ["Ġ t"] and meta["tokenizer.ggml.tokens"][-1] == "Ġt"
     assert meta["tokenizer.ggml.eos_token_id"] == tiny.SPECIALS.index("<|im_end|>")
     assert meta["tokenizer.ggml.add_bos_token"] is False
     assert meta["tokenizer.chat_template"] == tiny.CHATML
@@ -121,6 +122,14 @@ def test_smollm_pre_tokenizer_is_named(tmp_path):
         assert pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}, tmp_path) == "default"
 
 
+def test_a_bpe_vocabulary_without_merges_is_refused(tmp_path, tiny_dirs):
+    from mlxlora.errors import ModelError
+
+    with pytest.raises(ModelError, match="no merges; llama.cpp refuses"):
+        _export(tiny_dirs["llama"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_modelfile():
     from mlxlora.models.modelfile import modelfile
 
@@ -132,9 +141,9 @@ def test_modelfile():
     assert "TEMPLATE" not in other.replace("no Ollama TEMPLATE", "") and 'PARAMETER stop "</s>"' in other
 
 
-def test_cli_export_model_gguf(tmp_path, tiny_dirs, cli):
+def test_cli_export_model_gguf(tmp_path, tiny_bpe_dirs, cli):
     src = tmp_path / "src"
-    shutil.copytree(tiny_dirs["qwen2"], src)
+    shutil.copytree(tiny_bpe_dirs["qwen2"], src)
     out = tmp_path / "qwen-gguf"
     res = cli("export-model", "--model", src, "--format", "gguf", "--gguf-type", "q8_0", "--out", out)
     assert res.exit_code == 0, res.output
@@ -149,23 +158,23 @@ def test_cli_export_model_gguf(tmp_path, tiny_dirs, cli):
                             "--out", tmp_path / "x"), "--dtype")
 
 
-def test_k_quant_without_llama_quantize_says_so(tmp_path, tiny_dirs, cli, monkeypatch):
+def test_k_quant_without_llama_quantize_says_so(tmp_path, tiny_bpe_dirs, cli, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.setenv("MLXLORA_CACHE", str(tmp_path / "cache"))
-    res = cli("export-model", "--model", tiny_dirs["llama"], "--format", "gguf", "--gguf-type", "q4_k_m",
+    res = cli("export-model", "--model", tiny_bpe_dirs["llama"], "--format", "gguf", "--gguf-type", "q4_k_m",
               "--out", tmp_path / "out")
     tiny.one_line_error(res, "q4_k_m", "llama-quantize", "q8_0")
     assert not (tmp_path / "out").exists()
 
 
-def test_fuse_format_gguf_holds_the_adapter(tmp_path, tiny_dirs, cli):
+def test_fuse_format_gguf_holds_the_adapter(tmp_path, tiny_bpe_dirs, cli):
     """A non-zero adapter fused into GGUF: the file (read back) computes what the adapted model computes."""
     from mlxlora.config import LoraConfig
     from mlxlora.inference import load_with_adapter
     from mlxlora.models import load_base
     from mlxlora.models.gguf import convert_gguf
 
-    src = tiny_dirs["llama"]
+    src = tiny_bpe_dirs["llama"]
     adapter = tiny.make_adapter(src, tmp_path / "adapter", LoraConfig(r=4, target_modules="all-linear"), seed=3)
     out = tmp_path / "fused"
     res = cli("fuse", "--model", src, "--adapter", adapter, "--format", "gguf", "--gguf-type", "f32", "--out", out)

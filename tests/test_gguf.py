@@ -56,10 +56,11 @@ def _qwen2_tokenizer(tok):
     return (lambda text: source.encode(text)), dict(tok, pre="qwen2")
 
 
-def _spm_tokenizer(tmp_path):
-    """A small trained SentencePiece BPE (byte fallback), as llama-2 style GGUF vocab."""
+def _spm_tokenizer(tmp_path, prefix=True):
+    """A small trained SentencePiece BPE (byte fallback), as llama-2 style GGUF vocab; without the
+    dummy space prefix as gemma's (GGUF tokenizer.ggml.add_space_prefix = false)."""
     spm = pytest.importorskip("sentencepiece")
-    spm.SentencePieceTrainer.train(
+    spm.SentencePieceTrainer.train(add_dummy_prefix=prefix,
         sentence_iterator=iter(CORPUS * 20), model_prefix=str(tmp_path / "sp"), vocab_size=400,
         model_type="bpe", byte_fallback=True, minloglevel=2,
         # as in Llama 2's tokenizer.model (llama.cpp does not normalize text either)
@@ -68,7 +69,8 @@ def _spm_tokenizer(tmp_path):
     ids = range(sp.get_piece_size())
     types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in ids]
     return sp, dict(model="llama", tokens=[sp.id_to_piece(i) for i in ids], types=types,
-                    scores=[sp.get_score(i) for i in ids], bos=sp.bos_id(), eos=sp.eos_id(), unk=sp.unk_id())
+                    scores=[sp.get_score(i) for i in ids], bos=sp.bos_id(), eos=sp.eos_id(), unk=sp.unk_id(),
+                    prefix=prefix)
 
 
 def _tiny_model(arch, vocab_size, **overrides):
@@ -88,7 +90,7 @@ def _llama_cpp_permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-GGUF_PY_QUANTIZES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+GGUF_PY_QUANTIZES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4")
 
 
 def _write_gguf(path, arch, config, model, tok, types=lambda name, a: "F32", extra=None):
@@ -121,6 +123,7 @@ def _write_gguf(path, arch, config, model, tok, types=lambda name, a: "F32", ext
         w.add_chat_template(tiny.CHATML)
     else:
         w.add_token_scores(tok["scores"])
+        w.add_add_space_prefix(tok["prefix"])
         w.add_bos_token_id(tok["bos"])
         w.add_eos_token_id(tok["eos"])
         w.add_unk_token_id(tok["unk"])
@@ -249,6 +252,24 @@ def test_mixed_types_keep_native_quants(tmp_path, bpe):
     assert (loaded.model.embed_tokens.bits, layer.mlp.up_proj.bits, layer.self_attn.q_proj.bits) == (8, 8, 4)
 
 
+@pytest.mark.peer
+def test_mxfp4_layers_next_to_affine_ones(tmp_path, bpe):
+    """MXFP4 matrices load as mlx-lm's mxfp4 QuantizedLinear beside affine 4/8-bit ones."""
+    import mlx_lm
+
+    encode, tok = bpe
+    model, config = _tiny_model("llama", len(tok["tokens"]), hidden_size=256, intermediate_size=256)
+    held = _write_gguf(tmp_path / "fp4.gguf", "llama", config, model, tok,
+                       _mixed_types(dict(MIXED, ffn_up="MXFP4", ffn_gate="MXFP4", ffn_down="MXFP4")))
+    model.load_weights([(k, mx.array(v)) for k, v in held.items()])
+    loaded, _, cfg = mlx_lm.load(str(convert_gguf(tmp_path / "fp4.gguf", tmp_path / "mlx")), return_config=True)
+    layer = loaded.model.layers[0]
+    assert (layer.mlp.up_proj.mode, layer.self_attn.q_proj.mode, layer.self_attn.v_proj.bits) == ("mxfp4", "affine", 8)
+    assert cfg["quantization"]["model.layers.0.self_attn.q_proj"]["mode"] == "affine"
+    ids = encode(TEXTS[1])
+    assert np.abs(_logits(loaded, ids) - _logits(model, ids)).max() <= 1e-2
+
+
 # One of every other block type (K-quants of 256 values need 256-wide rows).
 EVERY = {"token_embd": "Q5_K", "attn_q": "Q5_0", "attn_k": "Q5_1", "attn_v": "IQ4_NL",
          "attn_output": "IQ4_XS", "ffn_gate": "Q2_K", "ffn_up": "Q3_K", "ffn_down": "Q6_K",
@@ -283,10 +304,11 @@ def test_every_block_type_in_one_file(tmp_path, bpe):
 
 
 @pytest.mark.peer
-def test_sentencepiece_vocab_tokenizes_like_sentencepiece(tmp_path):
+@pytest.mark.parametrize("prefix", [True, False])
+def test_sentencepiece_vocab_tokenizes_like_sentencepiece(tmp_path, prefix):
     import mlx_lm
 
-    sp, tok = _spm_tokenizer(tmp_path)
+    sp, tok = _spm_tokenizer(tmp_path, prefix)
     model, config = _tiny_model("llama", len(tok["tokens"]))
     _write_gguf(tmp_path / "spm.gguf", "llama", config, model, tok)
     _, tokenizer = mlx_lm.load(str(convert_gguf(tmp_path / "spm.gguf", tmp_path / "mlx")))
@@ -452,3 +474,22 @@ def test_cli_convert_keep_float(tmp_path, bpe):
     res = tiny.run_cli("convert", "--model", tmp_path / "out0", "--out", tmp_path / "x", "--keep-float")
     tiny.one_line_error(res, "--keep-float", ".gguf")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.peer
+def test_train_qlora_on_a_k_quant_gguf(tmp_path, bpe, monkeypatch):
+    """`--model x.gguf` with every block type: LoRA wraps the 4/5/8-bit layers as they came in
+    and training lowers the validation loss."""
+    from mlxlora import LoraConfig, TrainConfig
+    from mlxlora.train import train
+
+    monkeypatch.setenv("MLXLORA_CACHE", str(tmp_path / "cache"))
+    _, tok = bpe
+    model, config = _tiny_model("llama", len(tok["tokens"]), hidden_size=256, intermediate_size=256)
+    _write_gguf(tmp_path / "all.gguf", "llama", config, model, tok, _mixed_types(EVERY))
+    rows = [{"prompt": f"Say {w}.", "completion": f"{w} {w} {w}!"} for w in ["apple", "river", "stone", "cloud"]]
+    data = tiny.write_data(tmp_path / "data", rows * 3, rows)
+    res = train(TrainConfig(model=str(tmp_path / "all.gguf"), data=str(data), adapter_path=str(tmp_path / "a"),
+                            iters=12, batch_size=4, lr=1e-2, val_every=12, seed=3,
+                            lora=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")))
+    assert res.val_loss < 0.95 * res.base_val_loss, (res.base_val_loss, res.val_loss)  # 5.86 -> 5.46 seen

@@ -214,3 +214,92 @@ def test_phi3_longrope_factors_become_rope_scaling(tmp_path, bpe):
     ids = encode("The capital of France is Paris. Hello world! 12345")  # longer than 16: long factors
     assert len(ids) > 16
     assert np.abs(_logits(loaded, ids) - _logits(model, ids)).max() <= 1e-6
+
+
+@pytest.mark.peer
+def test_gemma3_linear_rope_scaling(tmp_path, bpe):
+    """Gemma 3 4B+ files say rope.scaling.type = linear, factor 8 (global layers). mlx-lm's own model
+    with that scaling is the reference: transformers 5.24's GGUF loader drops the key (its logits
+    then differ by 0.14 here, as much as an unscaled model's)."""
+    import mlx_lm
+
+    encode, tok = bpe
+    overrides, meta = CASES["gemma3"]
+    config = dict(BASE, vocab_size=len(tok["tokens"]), **overrides, rope_scaling={"rope_type": "linear", "factor": 8.0})
+    model = _model(config)
+    meta = dict(meta, rope_scaling_type=gguf.RopeScalingType.LINEAR, rope_scaling_factor=8.0)
+    _write(tmp_path / "m.gguf", "gemma3", config, model, tok, meta)
+    loaded, _, cfg = mlx_lm.load(str(convert_gguf(tmp_path / "m.gguf", tmp_path / "mlx")), return_config=True)
+    assert cfg["rope_scaling"]["rope_type"] == "linear" and cfg["rope_scaling"]["factor"] == 8.0
+    ids = encode("The capital of France is Paris. Hello world! 12345")
+    want = _logits(model, ids)
+    assert np.abs(_logits(loaded, ids) - want).max() <= 1e-6 * np.abs(want).max()
+    del config["rope_scaling"]
+    assert np.abs(_logits(_model(config), ids) - want).max() > 0.05  # the scaling does show
+
+
+GPT_OSS_CONFIG = dict(model_type="gpt_oss", hidden_size=64, num_hidden_layers=2, intermediate_size=64,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                      num_local_experts=4, num_experts_per_tok=2, sliding_window=8, rope_theta=150000.0,
+                      max_position_embeddings=512,
+                      rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                    "original_max_position_embeddings": 4096})
+GPT_OSS_NAMES = {"self_attn.sinks": "attn_sinks", "mlp.router": "ffn_gate_inp",
+                 "mlp.experts.gate_proj": "ffn_gate_exps", "mlp.experts.up_proj": "ffn_up_exps",
+                 "mlp.experts.down_proj": "ffn_down_exps"}
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("experts", ["F32", "MXFP4"])
+def test_gpt_oss(tmp_path, bpe, experts):
+    """gpt-oss as llama.cpp names it (attention sinks, router and expert biases, YaRN metadata),
+    experts F32 or MXFP4 (gguf-py's quantizer). The reference is mlx-lm's own model holding the
+    file's values: transformers 5.24's gpt-oss GGUF loader expects `ffn_*_projs` expert names that
+    llama.cpp does not write, so it is no peer here."""
+    import mlx_lm
+
+    encode, tok = bpe
+    config = dict(GPT_OSS_CONFIG, vocab_size=len(tok["tokens"]))
+    model = _model(config)
+    w = gguf.GGUFWriter(str(tmp_path / "o.gguf"), "gpt-oss")
+    for add, value in [("context_length", 512), ("embedding_length", 64), ("block_count", 2),
+                       ("feed_forward_length", 64), ("head_count", 4), ("head_count_kv", 2), ("key_length", 16),
+                       ("value_length", 16), ("layer_norm_rms_eps", 1e-5), ("rope_freq_base", 150000.0),
+                       ("expert_count", 4), ("expert_used_count", 2), ("sliding_window", 8),
+                       ("rope_scaling_type", gguf.RopeScalingType.YARN), ("rope_scaling_factor", 32.0),
+                       ("rope_scaling_orig_ctx_len", 4096), ("rope_scaling_yarn_beta_fast", 32.0),
+                       ("rope_scaling_yarn_beta_slow", 1.0), ("tokenizer_model", "gpt2"),
+                       ("tokenizer_pre", tok["pre"]), ("token_list", tok["tokens"]),
+                       ("token_types", tok["types"]), ("token_merges", tok["merges"])]:
+        getattr(w, f"add_{add}")(value)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT_OSS, 2)
+    held = {}
+    for hf, a in tree_flatten(model.parameters()):
+        a = np.array(a)
+        layer = hf.split(".")[2] if hf.startswith("model.layers.") else None
+        own = next((v for k, v in GPT_OSS_NAMES.items() if f".{k}." in f"{hf}." or hf.endswith(f".{k}")), None)
+        if own:
+            suffix = "weight" if hf.endswith("sinks") else hf.rsplit(".", 1)[1]
+            name = f"blk.{layer}.{own}.{suffix}"
+        else:
+            name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if experts == "MXFP4" and own and own.endswith("_exps") and name.endswith(".weight"):
+            raw = gguf.quants.quantize(a, gguf.GGMLQuantizationType.MXFP4)
+            held[hf] = mx.array(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.MXFP4))
+            w.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType.MXFP4)
+        else:
+            w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    model.load_weights(list(held.items()), strict=False)
+    loaded, _, cfg = mlx_lm.load(str(convert_gguf(tmp_path / "o.gguf", tmp_path / "mlx")), return_config=True)
+    assert {k: cfg["rope_scaling"][k] for k in config["rope_scaling"]} == config["rope_scaling"]
+    ids = encode("The capital of France is Paris. Hello world! 12345")  # longer than the window of 8
+    want = _logits(model, ids)
+    if experts == "MXFP4":
+        assert loaded.model.layers[0].mlp.experts.up_proj.mode == "mxfp4"
+    # F32: the same numbers (0 seen); MXFP4: the same weights through MLX's mxfp4 kernel (8.9e-8 seen)
+    tol = 1e-6 if experts == "F32" else 1e-5
+    assert np.abs(_logits(loaded, ids) - want).max() <= tol * np.abs(want).max()

@@ -93,6 +93,18 @@ def test_sixteen_value_subblocks_are_requantized_below_the_files_rounding(kind):
     assert np.abs(_dequantized(parts, spec) - want).max() <= 2 ** -11 * np.abs(want).max()
 
 
+@pytest.mark.peer
+def test_mxfp4_is_mlx_mxfp4_exactly():
+    """gpt-oss's MXFP4 blocks: gguf-py's own quantizer, then MLX's mxfp4 mode gives back its values."""
+    w = np.random.default_rng(0).normal(0, 0.05, (ROWS, COLS)).astype(np.float32)
+    raw = gguf.quants.quantize(w, Q.MXFP4)
+    raw[0, 0], raw[0, 17] = 0, 1  # the two smallest exponents, which llama.cpp decodes as denormals
+    parts, spec = read_tensor("blk.0.ffn_up_exps.weight", "MXFP4", raw, (ROWS, COLS))
+    assert spec == (32, 4, "mxfp4") and set(parts) == {"weight", "scales"}
+    got = mx.dequantize(parts["weight"], parts["scales"], group_size=32, bits=4, mode="mxfp4")
+    assert np.array_equal(np.array(got.astype(mx.float32)), gguf.quants.dequantize(raw, Q.MXFP4))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_pack_is_mlx_layout(bits):
     codes = np.random.default_rng(bits).integers(0, 2 ** bits, (4, 128)).astype(np.uint8)
@@ -109,7 +121,7 @@ def test_stacked_experts_keep_their_leading_dim():
     assert np.abs(_dequantized(parts, spec) - want).max() <= 2 ** -11 * np.abs(want).max()
 
 
-@pytest.mark.parametrize("kind", ["IQ2_XXS", "TQ1_0", "Q8_K"])
+@pytest.mark.parametrize("kind", ["IQ2_XXS", "TQ1_0", "Q8_K", "NVFP4"])
 def test_other_types_are_one_line_errors(kind):
     with pytest.raises(ModelError, match=rf"blk\.3\.ffn_up\.weight has type {kind}.*re-quantize") as e:
         read_tensor("blk.3.ffn_up.weight", kind, np.zeros((1, 66), np.uint8), (1, 256))

@@ -114,12 +114,12 @@ def export(cli, model, out, gguf_type, adapter=None):
 
 
 @pytest.mark.peer
-def test_tiny_f32_export_has_mlxloras_perplexity_in_llama_cpp(tmp_path, tiny_dirs, cli):
+def test_tiny_f32_export_has_mlxloras_perplexity_in_llama_cpp(tmp_path, tiny_bpe_dirs, cli):
     from mlxlora.models import load_base
 
     for arch in ("llama", "qwen2"):
-        base = load_base(str(tiny_dirs[arch]))
-        ppl, tokens = llama_perplexity(tmp_path, export(cli, tiny_dirs[arch], tmp_path / arch, "f32"))
+        base = load_base(str(tiny_bpe_dirs[arch]))
+        ppl, tokens = llama_perplexity(tmp_path, export(cli, tiny_bpe_dirs[arch], tmp_path / arch, "f32"))
         assert tokens == base.tokenizer.encode(TEXT)[:len(tokens)]
         ours = mlx_perplexity(base.model, tokens)
         assert abs(ppl - ours) / ours < 1e-4, (arch, ppl, ours)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from mlxlora import LoraConfig
 from mlxlora.config import PreferenceConfig, build_train_config
 from mlxlora.config.train import stored_flags
 from mlxlora.data import Sample, load_preference_split, load_split
@@ -130,3 +131,23 @@ def test_cli_errors_and_inspect_show_both_sides(tiny_dirs, tmp_path, cli):
     sft = tiny.write_data(tmp_path / "s", [{"prompt": "a", "completion": "b"}])
     res = cli("train", "--model", tiny_dirs["llama"], "--data", sft, "--method", "simpo", "--adapter-path", tmp_path / "a")
     tiny.one_line_error(res, "train.jsonl:1:", "no 'chosen' or 'rejected'")
+
+
+def test_plan_counts_both_sequences_and_the_reference(tiny_dirs, cli):
+    from mlxlora.plan import plan_training
+
+    lora = LoraConfig(r=4, target_modules="all-linear")
+    kw = dict(max_seq_length=256, memory_bytes=2**34, backend="cpu")
+    dpo = plan_training(str(tiny_dirs["llama"]), lora, batch_size=4, method="dpo", **kw)
+    sft4 = plan_training(str(tiny_dirs["llama"]), lora, batch_size=4, **kw)
+    sft8 = plan_training(str(tiny_dirs["llama"]), lora, batch_size=8, **kw)
+    assert dpo.activation_bytes == sft8.activation_bytes > sft4.activation_bytes  # 4 pairs = 8 sequences
+    assert dpo.settings["reference_bytes"] == dpo.adapter_param_bytes  # a frozen adapter copy, never a base copy
+    assert dpo.peak_bytes - sft8.peak_bytes == dpo.adapter_param_bytes
+    simpo = plan_training(str(tiny_dirs["llama"]), lora, batch_size=4, method="simpo", **kw)
+    assert simpo.peak_bytes == sft8.peak_bytes  # reference-free
+    res = cli("plan", "--model", tiny_dirs["llama"], "--method", "dpo", "--batch-size", "4", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["settings"]["method"] == "dpo"
+    res = cli("plan", "--model", tiny_dirs["llama"], "--method", "dpo", "--batch-size", "4")
+    assert "4 pairs = 8 sequences (dpo)" in res.output and "no second model" in res.output

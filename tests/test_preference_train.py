@@ -57,6 +57,9 @@ def test_dpo_learns_and_the_record_names_the_method(model_dir, data_dir, tmp_pat
     assert res.val_loss < 0.6 * math.log(2), run["val_log"]
     assert run["method"] == {"method": "dpo", "beta": 0.5, "loss_type": "sigmoid", "label_smoothing": 0.0}
     assert run["method_metrics"]["accuracy"] == 1.0 and run["method_metrics"]["margin"] > 0
+    start, end = run["val_method_metrics_start"], run["val_method_metrics"]
+    assert start["accuracy"] == 0.0 and start["margin"] == 0.0  # policy = reference: every reward is 0
+    assert end["accuracy"] == 1.0 and end["margin"] > 0
     assert rec["train_config"]["preference"]["method"] == "dpo"
     # an ordinary adapter: it loads onto a fresh base like any other
     model = load_adapter(load_base(str(model_dir)).model, out)

@@ -48,3 +48,27 @@ def test_dora_on_experts_is_a_one_line_error(env):
               "--target", "all-linear", "--dora")
     tiny.one_line_error(res, "DoRA on MoE experts", "switch_mlp")
     assert not (root / "dora").exists()
+
+
+@pytest.mark.parametrize("which", ["float", "q4", "config"])
+def test_plan_counts_experts_as_training_does(env, which):
+    from mlxlora.config import LoraConfig
+    from mlxlora.lora.surgery import count_parameters, get_lora_model
+    from mlxlora.models import load_base
+
+    root, model, q4, _ = env
+    spec = {"float": model, "q4": q4, "config": model / "config.json"}[which]
+    res = run("plan", "--model", spec, "--rank", 4, "--target", "all-linear", "--memory-gb", 8, "--json")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    wrapped = get_lora_model(load_base(str(q4 if which == "q4" else model)).model,
+                             LoraConfig(r=4, target_modules="all-linear"))
+    trainable, total = count_parameters(wrapped)
+    assert (plan["trainable_params"], plan["total_params"]) == (trainable, total)
+    # 4 experts of 3 projections (64x32 or 32x64) in 2 blocks; a token uses 2 of them: 2 idle experts' worth
+    idle = 2 * 3 * 2 * 64 * 32
+    idle_adapters = 2 * 3 * 2 * 4 * (64 + 32)
+    assert plan["active_params"] == total - idle - idle_adapters
+    assert plan["expert_layers"] == 6 and plan["expert_adapter_bytes_fp32"] == 4 * 6 * 4 * 4 * (64 + 32)
+    text = run("plan", "--model", spec, "--rank", 4, "--target", "all-linear", "--memory-gb", 8)
+    assert "active per token" in text.output and "6 expert layers" in text.output

@@ -194,3 +194,29 @@ def test_a_peft_target_parameters_adapter_loads_exactly(tmp_path, hf_moe, params
     assert sorted(a) == sorted(b)
     for k in a:
         assert mx.array_equal(a[k], b[k]).item(), k
+
+
+@pytest.mark.peer
+def test_plan_of_the_transformers_folder_counts_its_experts(hf_moe):
+    from mlxlora.lora.surgery import count_parameters
+    from mlxlora.plan import plan_training
+
+    folder, _ = hf_moe  # per-expert tensors (experts.3.gate_proj.weight), stacked by mlx-lm at load
+    cfg = LoraConfig(r=4, target_modules="all-linear")
+    plan = plan_training(str(folder), cfg, memory_bytes=1 << 33)
+    model = load_base(str(folder)).model
+    get_lora_model(model, cfg)
+    assert (plan.trainable_params, plan.total_params) == count_parameters(model)
+    assert plan.expert_layers == 6
+
+
+def test_gguf_lora_export_refuses_expert_adapters(tmp_path, moe):
+    from mlxlora.errors import AdapterError
+    from mlxlora.formats import gguf_lora
+
+    save_adapter(_adapted(moe), tmp_path / "a", base_model=str(moe))
+    res = tiny.run_cli("export-adapter", tmp_path / "a", tmp_path / "x.gguf", "--to", "gguf", "--model", moe)
+    tiny.one_line_error(res, "qwen3_moe")  # no llama.cpp name table for this architecture here
+    with pytest.raises(AdapterError, match="adapts MoE experts.*mlxlora fuse"):  # and none for experts at all
+        gguf_lora.write(read_adapter(tmp_path / "a"), tmp_path / "x.gguf", gguf_lora.base_info_for("qwen3"))
+    assert not (tmp_path / "x.gguf").exists()

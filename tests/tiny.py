@@ -120,6 +120,16 @@ def make_model(path: Path, arch: str = "llama", quantize: int | None = None, see
     return path
 
 
+def make_bpe_model(path: Path, arch: str = "llama", **overrides) -> Path:
+    """make_model plus one BPE merge ("Ġ" + "t" -> id VOCAB_SIZE): llama.cpp refuses a BPE vocabulary without merges."""
+    make_model(path, arch, vocab_size=VOCAB_SIZE + 1, **overrides)
+    tok = json.loads((path / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["Ġt"] = VOCAB_SIZE
+    tok["model"]["merges"] = [["Ġ", "t"]]
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    return path
+
+
 def randomize_adapters(model, seed: int = 1, dtype=None):
     """Non-zero lora_b (and random lora_a, perturbed DoRA magnitudes) everywhere, so outputs depend on them."""
     from mlxlora.lora.layers import DoRALinear

@@ -45,6 +45,7 @@ def upload(path, repo_id, private, message, base_model):
 def export_model(model, adapter, out, fmt, dtype, gguf_type, max_shard_size, base_model, force):
     """Write a model (with an adapter fused in) that transformers, or llama.cpp/Ollama/LM Studio, load.
 
+    \b
     Example: mlxlora export-model --model ./smollm2 --adapter runs/devil --out smollm2-devil-hf
     Example: mlxlora export-model --model ./smollm2 --adapter runs/devil --format gguf --gguf-type q8_0 --out devil-gguf
     """

@@ -47,6 +47,10 @@ def train_options(f):
         click.option("--schedule", type=click.Choice(list(SCHEDULES)), help=default(TrainConfig, "schedule")),
         click.option("--clip-grad", type=float, help=f"Global-norm clipping. {default(TrainConfig, 'clip_grad')}"),
         click.option("--grad-checkpoint", is_flag=True, default=None, help="Recompute block activations (less memory)."),
+        click.option("--auto-fit", is_flag=True, default=None,
+                     help="Choose --batch-size, --grad-checkpoint and if needed --max-seq-length to fit the memory."),
+        click.option("--memory-limit", type=float, metavar="GIB",
+                     help="Checkpoint and stop before MLX's memory passes this many GiB. [default: this machine's memory]"),
         click.option("--max-seq-length", type=int, help=f"Longer samples are truncated (counted). {default(TrainConfig, 'max_seq_length')}"),
         click.option("--pack/--no-pack", default=None, help="Pack several samples per row (attention kept apart). "
                      "[default: when it cuts padding by >15% and the architecture supports it]"),
@@ -99,6 +103,8 @@ def train_options(f):
         click.option("--dtype", type=DTYPE, help="Compute dtype (default float32 on CPU)."),
         click.option("--resume", help="Continue from a checkpoint or an adapter folder with checkpoints/."),
         click.option("--force", is_flag=True, default=None, help="Replace an existing adapter folder."),
+        click.option("--report-to", metavar="TRACKERS",
+                     help="Log the progress metrics and config to any of wandb,mlflow,tensorboard,trackio."),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ConfigError, choice_error
 from ..files import path_problem
-from .choices import ALL_LINEAR, BITS, GROUP_SIZES, SCHEDULES, check_dtype, number, positive
+from .choices import ALL_LINEAR, BITS, GROUP_SIZES, SCHEDULES, TRACKERS, check_dtype, number, positive
 from .lora import LoraConfig
 from .grpo import GRPOConfig
 from .preference import PreferenceConfig
@@ -42,6 +42,8 @@ class TrainConfig:
     schedule: str = "cosine"
     clip_grad: float | None = 1.0
     grad_checkpoint: bool = False
+    auto_fit: bool = False  # choose batch size / checkpointing / max_seq_length from the planner
+    memory_limit: float | None = None  # GiB; None: this machine's (plan.machine_memory)
     max_seq_length: int = 2048
     pad_multiple: int = 8
     pack: bool | None = None  # None: pack when it cuts padding (see Trainer._choose_packing)
@@ -57,6 +59,7 @@ class TrainConfig:
     early_stop: int | None = None  # stop after this many validations without improvement
     ignore_base_mismatch: bool = False  # --resume onto a base whose fingerprint differs
     force: bool = False
+    report_to: str | list[str] | None = None  # "wandb,mlflow,tensorboard,trackio" (mlxlora.train.trackers)
 
     def __post_init__(self):
         if isinstance(self.lora, dict):
@@ -96,8 +99,15 @@ class TrainConfig:
             raise choice_error("--schedule", self.schedule, SCHEDULES)
         if self.clip_grad is not None:
             number("--clip-grad", self.clip_grad, low=0.0, low_open=True)
+        if self.memory_limit is not None:
+            self.memory_limit = number("--memory-limit", self.memory_limit, low=0.0, low_open=True)
         if self.dtype is not None:
             check_dtype(self.dtype)
+        if self.report_to is not None:
+            names = self.report_to.split(",") if isinstance(self.report_to, str) else list(self.report_to)
+            unknown = [n for n in (x.strip() for x in names) if n and n not in TRACKERS]
+            if unknown:
+                raise choice_error("--report-to", ",".join(unknown), TRACKERS)
 
     @property
     def total_iters_fixed(self) -> bool:
@@ -164,7 +174,8 @@ def build_train_config(file_values: dict[str, Any] | None, flag_values: dict[str
     """
     merged: dict[str, Any] = {}
     float_keys = {"lr", "weight_decay", "clip_grad", "alpha", "dropout", "beta", "label_smoothing", "gamma",
-                  "desirable_weight", "undesirable_weight", "temperature", "top_p", "epsilon", "epsilon_high"}
+                  "desirable_weight", "undesirable_weight", "temperature", "top_p", "epsilon", "epsilon_high",
+                  "memory_limit"}
     given_keys = {k.replace("-", "_") for k, v in (*(file_values or {}).items(), *flag_values.items()) if v is not None}
     kept = {k: v for k, v in stored_flags(stored or {}).items()
             if not any(a == k and b in given_keys or b == k and a in given_keys for a, b in EXCLUSIVE)}

@@ -72,11 +72,25 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module
                               "QuantizedLinear, Embedding and (Quantized)SwitchLinear layers take an adapter")
         found.append((path, module))
     if not found:
-        names = sorted({p.split(".")[-1] for p, m in model.named_modules() if isinstance(m, LINEAR_TYPES + SWITCH_TYPES)})
-        raise ConfigError(f"target_modules {cfg.target_modules!r} matched no layer; linear layers of this "
-                          f"model: {', '.join(names)} (or use --target all-linear)")
+        raise ConfigError(_no_match(model, cfg))
     # named_modules() walks children in reverse; report in reading order (block by block).
     return sorted(found, key=lambda pm: natural_key(pm[0]))
+
+
+def _no_match(model: nn.Module, cfg: LoraConfig) -> str:
+    """The one-line error for a target that matched nothing: the layer names that exist, by type."""
+    by_type: dict[str, set[str]] = {}
+    for p, m in model.named_modules():
+        w = m.get("weight") if isinstance(m, dict) else None
+        if isinstance(m, LINEAR_TYPES + EMBEDDING_TYPES) or (isinstance(w, mx.array) and w.ndim >= 2):
+            by_type.setdefault(type(m).__name__, set()).add(p.split(".")[-1])
+    listed = "; ".join(f"{t}: {', '.join(sorted(n))}" for t, n in sorted(by_type.items()))
+    adaptable = any(isinstance(m, LINEAR_TYPES) for _, m in model.named_modules())
+    if cfg.target_modules == ALL_LINEAR:
+        return (f"target_modules all-linear matched no layer: this model has no Linear / QuantizedLinear "
+                f"outside the output head (its layers: {listed}); mlxlora adapts only those types")
+    hint = " (or use --target all-linear)" if adaptable else ""
+    return f"target_modules {cfg.target_modules!r} matched no layer; layers of this model: {listed}{hint}"
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig) -> nn.Module:

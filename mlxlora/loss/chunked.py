@@ -67,10 +67,74 @@ def head_parts(model: nn.Module):
     return model.model, found[0], found[1], cap
 
 
-def _project(module: nn.Module, method: str, cap, h: mx.array) -> mx.array:
-    """float32 logits (c, V) of hidden rows h (c, D), soft-capped when cap is set."""
-    z = getattr(module, method)(h[None])[0].astype(mx.float32)
-    return mx.tanh(z / cap) * cap if cap else z
+class _Head:
+    """The head module with its adapters as explicit arrays: logits(h, trainable) for mx.vjp."""
+
+    def __init__(self, module: nn.Module, method: str, cap):
+        self.module, self.method, self.cap = module, method, cap
+        self.names = [k for k, _ in tree_flatten(module.trainable_parameters())]
+        self.params = dict(tree_flatten(module.parameters()))
+        self.trainable = [self.params[k] for k in self.names]
+
+    def with_params(self, values: dict, fn):
+        self.module.update(tree_unflatten(list(values.items())))
+        try:
+            return fn()
+        finally:
+            self.module.update(tree_unflatten([(k, self.params[k]) for k in values]))
+
+    def raw(self, h: mx.array, *trainable) -> list[mx.array]:
+        """[uncapped float32 logits (c, V)] of hidden rows h (c, D) with adapter values `trainable`."""
+        call = getattr(self.module, self.method)
+        return [self.with_params(dict(zip(self.names, trainable)), lambda: call(h[None])[0].astype(mx.float32))]
+
+    def capped(self, z: mx.array) -> mx.array:
+        return mx.tanh(z / self.cap) * self.cap if self.cap else z
+
+    def chunk_grad(self, h, t, trainable, g):
+        """(ce (c,), lse (c,), d(Σ g·ce)/dh (c, D), [d/d adapters]) of one chunk, all from one pass of its logits."""
+        z = self.capped(self.raw(h, *trainable)[0])  # (c, V): alive for this chunk only
+        lse = mx.logsumexp(z, axis=-1)
+        ce = lse - mx.take_along_axis(z, t[:, None], axis=-1)[:, 0]
+        gz = g[:, None] * (mx.exp(z - lse[:, None]) - (mx.arange(z.shape[-1])[None] == t[:, None]))
+        if self.cap:
+            gz = gz * (1 - mx.square(z / self.cap))  # d(tanh(x / c) * c)/dx, written with z itself
+        _, grads = mx.vjp(self.raw, [h, *trainable], [gz])
+        return ce, lse, grads[0].astype(h.dtype), grads[1:]
+
+
+def masked_ce_sum(module: nn.Module, method: str, hidden: mx.array, targets: mx.array, weights: mx.array,
+                  cap=None, rows: int | None = None) -> mx.array:
+    """Σ weights · cross-entropy (a scalar) of the head at hidden rows (N, D), for training.
+
+    The gradient is formed in the forward, chunk by chunk, from the same logits (weights are known, so
+    d loss / d logits = weights · (softmax - one_hot)); the backward only scales it. No recomputation:
+    the head costs what the plain loss costs. Each chunk's hidden rows depend on the previous chunk's
+    gradients, so the lazy graph finishes a chunk (and frees its logits) before starting the next.
+    """
+    head = _Head(module, method, cap)
+    n = hidden.shape[0]
+    rows = rows or chunk_rows(next(v for k, v in head.params.items() if k.endswith("weight")).shape[0])
+
+    @mx.custom_function
+    def f(h, t, w, *trainable):
+        total, dh, dparams, prev = mx.array(0.0), [], None, []
+        for i, j in chunk_bounds(n, rows):
+            hc = mx.depends([h[i:j]], prev)[0] if prev else h[i:j]
+            ce, _, dhc, dp = head.chunk_grad(hc, t[i:j], trainable, w[i:j])
+            total = total + (ce * w[i:j]).sum()
+            dh.append(dhc)
+            dparams = dp if dparams is None else [a + b for a, b in zip(dparams, dp)]
+            prev = [dhc, *dparams]
+        return total, mx.concatenate(dh), *(dparams or [])
+
+    @f.vjp
+    def f_vjp(primals, cotangents, outputs):
+        h, t, w, *_ = primals
+        s = cotangents[0]
+        return [s * outputs[1], mx.zeros_like(t), mx.zeros_like(w), *(s * d for d in outputs[2:])]
+
+    return f(hidden, targets, weights, *head.trainable)[0]
 
 
 def token_ce(module: nn.Module, method: str, hidden: mx.array, targets: mx.array, cap=None,
@@ -78,58 +142,43 @@ def token_ce(module: nn.Module, method: str, hidden: mx.array, targets: mx.array
     """Per-token cross-entropy (N,) of the head `getattr(module, method)` at hidden rows (N, D) for
     targets (N,), `rows` tokens at a time (default: chunk_rows of the head's vocabulary).
 
-    Gradients reach `hidden` and the module's trainable parameters (adapters); frozen weights get none.
+    Any cotangent works (per-token log-probabilities for the preference losses): the forward keeps
+    each token's log-sum-exp and target logit; the backward recomputes each chunk's logits. Gradients
+    reach `hidden` and the module's trainable parameters (adapters); frozen weights get none.
     """
-    names = [k for k, _ in tree_flatten(module.trainable_parameters())]
-    frozen_names = [k for k, v in tree_flatten(module.parameters()) if k not in set(names)]
-    params = dict(tree_flatten(module.parameters()))
+    head = _Head(module, method, cap)
+    frozen_names = [k for k in head.params if k not in set(head.names)]
     n = hidden.shape[0]
-
-    def with_params(values: dict, fn):
-        saved = {k: params[k] for k in values}
-        module.update(tree_unflatten(list(values.items())))
-        try:
-            return fn()
-        finally:
-            module.update(tree_unflatten(list(saved.items())))
+    rows = rows or chunk_rows(next(v for k, v in head.params.items() if k.endswith("weight")).shape[0])
 
     @mx.custom_function
     def f(h, t, *trainable):
-        def run():
-            lse, tgt = [], []
-            for i, j in chunk_bounds(n, rows):
-                z = _project(module, method, cap, h[i:j])  # (c, V): alive for this chunk only
-                lse.append(mx.logsumexp(z, axis=-1))
-                tgt.append(mx.take_along_axis(z, t[i:j, None], axis=-1)[:, 0])
-            return mx.concatenate(lse), mx.concatenate(tgt)
-
-        lse, tgt = with_params(dict(zip(names, trainable)), run)
-        return lse - tgt, lse
+        lse, tgt = [], []
+        for i, j in chunk_bounds(n, rows):
+            z = head.capped(head.raw(h[i:j], *trainable)[0])  # (c, V): alive for this chunk only
+            lse.append(mx.logsumexp(z, axis=-1))
+            tgt.append(mx.take_along_axis(z, t[i:j, None], axis=-1)[:, 0])
+        lse = mx.concatenate(lse)
+        return lse - mx.concatenate(tgt), lse
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
         h, t, *trainable = primals
-        g, lse = cotangents[0], outputs[1]
+        g = cotangents[0]
         # Tie the recomputation to the cotangent: otherwise mx.compile merges it with the forward's
         # identical head (common subexpression) and keeps every chunk's logits alive until here.
-        h, *frozen = mx.depends([h, *(params[k] for k in frozen_names)], [g])
-
-        def raw(hc, *tr):  # the head's uncapped float32 logits of hidden rows hc, adapters tr
-            return [with_params(dict(zip(names, tr)), lambda: getattr(module, method)(hc[None])[0].astype(mx.float32))]
+        h, *frozen = mx.depends([h, *(head.params[k] for k in frozen_names)], [g])
 
         def backward():
-            dh, dparams = [], None
-            for i, j in chunk_bounds(n, rows):
-                z = _project(module, method, cap, h[i:j])  # recomputed (c, V), freed after this chunk
-                gz = g[i:j, None] * (mx.exp(z - lse[i:j, None]) - (mx.arange(z.shape[-1])[None] == t[i:j, None]))
-                if cap:
-                    gz = gz * (1 - mx.square(z / cap))  # d(tanh(x / c) * c)/dx, written with z itself
-                _, grads = mx.vjp(raw, [h[i:j], *trainable], [gz])
-                dh.append(grads[0].astype(h.dtype))
-                dparams = grads[1:] if dparams is None else [a + b for a, b in zip(dparams, grads[1:])]
+            dh, dparams, prev = [], None, []
+            for i, j in chunk_bounds(n, rows):  # one chunk after the other (see masked_ce_sum)
+                hc = mx.depends([h[i:j]], prev)[0] if prev else h[i:j]
+                _, _, dhc, dp = head.chunk_grad(hc, t[i:j], trainable, g[i:j])
+                dh.append(dhc)
+                dparams = dp if dparams is None else [a + b for a, b in zip(dparams, dp)]
+                prev = [dhc, *dparams]
             return [mx.concatenate(dh), mx.zeros_like(t), *(dparams or [])]
 
-        return with_params(dict(zip(frozen_names, frozen)), backward)
+        return head.with_params(dict(zip(frozen_names, frozen)), backward)
 
-    rows = rows or chunk_rows(params[next(k for k in params if k.endswith("weight"))].shape[0])
-    return f(hidden, targets, *(params[k] for k in names))[0]
+    return f(hidden, targets, *head.trainable)[0]

@@ -16,7 +16,7 @@ import mlx.nn as nn
 from ..lora.quant import on_cpu
 from . import head
 from .attention import blocked_causal
-from .chunked import head_parts, token_ce
+from .chunked import head_parts, masked_ce_sum, token_ce
 from .packed import segment_cache
 
 
@@ -24,6 +24,12 @@ def _forward(fn, model, inputs, segments):
     cache = None if segments is None else segment_cache(model, segments)
     with blocked_causal(model) if on_cpu() else nullcontext():
         return fn(inputs) if cache is None else fn(inputs, cache=cache)
+
+
+def _hidden_rows(trunk, model, inputs, targets, segments, rows):
+    hidden = _forward(trunk, model, inputs, segments)  # (B, L, D) after the final norm
+    h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    return (h[rows], t[rows]) if rows is not None else (h, t)
 
 
 def per_token_ce(model: nn.Module, inputs: mx.array, targets: mx.array, segments: mx.array | None = None,
@@ -36,10 +42,7 @@ def per_token_ce(model: nn.Module, inputs: mx.array, targets: mx.array, segments
     parts = head_parts(model) if chunk != 0 else None
     if parts is not None:
         trunk, module, method, cap = parts
-        hidden = _forward(trunk, model, inputs, segments)  # (B, L, D) after the final norm
-        h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-        if rows is not None:
-            h, t = h[rows], t[rows]
+        h, t = _hidden_rows(trunk, model, inputs, targets, segments, rows)
         shape = (1, rows.size) if rows is not None else targets.shape
         return token_ce(module, method, h, t, cap, rows=chunk).reshape(shape), shape
     if rows is not None:
@@ -52,13 +55,21 @@ def per_token_ce(model: nn.Module, inputs: mx.array, targets: mx.array, segments
 
 
 def loss_sums(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array,
-              segments: mx.array | None = None, rows: mx.array | None = None, chunk: int | None = None):
+              segments: mx.array | None = None, rows: mx.array | None = None, chunk: int | None = None,
+              train: bool = False):
     """(sum of masked token cross-entropies, number of target tokens). inputs/targets/mask: (B, L).
 
     segments (B, L): per-token sample ids of a packed batch (see data/packing.py), or None.
     rows (N,): flattened positions that carry loss (head.target_rows); only those rows reach the head.
-    chunk: as per_token_ce.
+    chunk: as per_token_ce. train: the chunked loss forms its gradient in the forward (chunked.masked_ce_sum:
+    no recomputation; for value_and_grad), else it recomputes in the backward (any use).
     """
+    parts = head_parts(model) if chunk != 0 and train else None
+    if parts is not None:
+        trunk, module, method, cap = parts
+        h, t = _hidden_rows(trunk, model, inputs, targets, segments, rows)
+        w = mask.reshape(-1)[rows] if rows is not None else mask.reshape(-1)
+        return masked_ce_sum(module, method, h, t, w.astype(mx.float32), cap, rows=chunk), mask.sum()
     ce, shape = per_token_ce(model, inputs, targets, segments, rows, chunk)
     if tuple(shape) != tuple(mask.shape):
         mask = mask.reshape(-1)[rows][None]

@@ -92,6 +92,8 @@ def add_tokenizer(writer, folder: Path, n_vocab: int) -> VocabInfo:
         raise ModelError(f"{path}: the tokenizer has {n} tokens but the embedding only {n_vocab} rows")
     table = [tokens.get(i, (f"[PAD{i}]", UNUSED)) for i in range(n)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:
+        raise ModelError(f"{path}: the BPE tokenizer has no merges; llama.cpp refuses to load such a vocabulary")
 
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer_name(tj, path))

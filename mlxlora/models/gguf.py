@@ -162,16 +162,24 @@ def llama3_rope_scaling(rope_freqs: np.ndarray, config: dict) -> dict:
 
 
 def _quantization(quant: dict) -> dict | None:
-    """mlx-lm's `quantization` entry: the commonest (group, bits), plus per-module exceptions."""
+    """mlx-lm's `quantization` entry: the commonest (group, bits[, mode]), plus per-module exceptions."""
     counts = Counter(spec for spec in quant.values() if spec is not None)
     if not counts:
         return None
-    group, bits = counts.most_common(1)[0][0]
-    out = {"group_size": group, "bits": bits}
+    common = counts.most_common(1)[0][0]
+    out = _spec_dict(common)
     for module, spec in sorted(quant.items()):
-        if spec != (group, bits):  # float matrices: False; other widths: their own params
-            out[module] = False if spec is None else {"group_size": spec[0], "bits": spec[1]}
+        if spec != common:  # float matrices: False; other widths or modes: their own params
+            out[module] = False if spec is None else _spec_dict(spec, with_mode=len(common) > 2)
     return out
+
+
+def _spec_dict(spec: tuple, with_mode: bool = False) -> dict:
+    """(group, bits[, mode]) -> mlx-lm's dict; the mode written when it is not affine, or when
+    the file-wide default it overrides is not (`with_mode`)."""
+    out = {"group_size": spec[0], "bits": spec[1]}
+    mode = spec[2] if len(spec) > 2 else "affine"
+    return dict(out, mode=mode) if with_mode or mode != "affine" else out
 
 
 def _hparams(path: Path, meta: dict, arch: str) -> dict:
@@ -203,6 +211,9 @@ def _hparams(path: Path, meta: dict, arch: str) -> dict:
         if scaling == "yarn":
             config["rope_scaling"]["original_max_position_embeddings"] = meta.get(
                 f"{arch}.rope.scaling.original_context_length", config.get("max_position_embeddings"))
+            for beta in ("beta_fast", "beta_slow"):  # else mlx-lm's YaRN defaults (32, 1)
+                if (value := meta.get(f"{arch}.rope.scaling.yarn_{beta}")) is not None:
+                    config["rope_scaling"][beta] = _f32(value)
     arch_config(arch, meta, config)
     return config
 

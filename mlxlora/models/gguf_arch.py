@@ -53,6 +53,7 @@ class Arch:
     norm_offset: float = 0.0  # llama.cpp stored every norm weight as w + norm_offset
     hparams: dict = field(default_factory=dict)  # extra config key -> GGUF key after "{arch}."
     fixed: dict = field(default_factory=dict)  # config entries the architecture implies
+    bare: tuple = ()  # GGUF modules that are one mlx-lm parameter (no .weight): attention sinks
 
 
 def _table(*parts: dict) -> dict:
@@ -62,6 +63,11 @@ def _table(*parts: dict) -> dict:
     return out
 
 
+GPT_OSS = {"blk.{n}.post_attention_norm": f"{LAYER}.post_attention_layernorm",
+           "blk.{n}.attn_sinks": f"{LAYER}.self_attn.sinks", "blk.{n}.ffn_gate_inp": f"{LAYER}.mlp.router",
+           "blk.{n}.ffn_gate_exps": f"{LAYER}.mlp.experts.gate_proj",
+           "blk.{n}.ffn_up_exps": f"{LAYER}.mlp.experts.up_proj",
+           "blk.{n}.ffn_down_exps": f"{LAYER}.mlp.experts.down_proj"}
 GEMMA_NAMES = _table({k: v for k, v in COMMON.items() if k != "blk.{n}.ffn_norm"}, SANDWICH)
 ARCHS = {
     "llama": Arch("llama", ("LlamaForCausalLM",), permuted_qk=True),
@@ -90,6 +96,11 @@ ARCHS = {
     "phi3": Arch("phi3", ("Phi3ForCausalLM",), _table(COMMON, PHI3),
                  hparams={"sliding_window": "attention.sliding_window",
                           "original_max_position_embeddings": "rope.scaling.original_context_length"}),
+    "gpt-oss": Arch("gpt_oss", ("GptOssForCausalLM",),
+                    _table({k: v for k, v in COMMON.items() if "ffn" not in k}, GPT_OSS),
+                    rope_theta=150000.0, bare=("blk.{n}.attn_sinks",),
+                    hparams={"num_local_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
+                             "sliding_window": "attention.sliding_window"}),
 }
 # gemma2/gemma3 27B scale queries by hidden/heads, the others by head_dim (llama.cpp decides
 # by the model's size, and so by its layer count).
@@ -102,7 +113,10 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)", module)
     key = f"blk.{{n}}.{m[2]}" if m else module
     hf = ARCHS[arch].names.get(key)
-    return None if hf is None else f"{hf.format(n=m[1] if m else '')}.{suffix}"
+    if hf is None:
+        return None
+    hf = hf.format(n=m[1] if m else "")
+    return hf if key in ARCHS[arch].bare and suffix == "weight" else f"{hf}.{suffix}"
 
 
 def arch_config(arch: str, meta: dict, config: dict) -> None:
@@ -113,7 +127,7 @@ def arch_config(arch: str, meta: dict, config: dict) -> None:
             config[key] = value
     for key, value in info.fixed.items():
         config.setdefault(key, value)
-    if info.model_type.startswith("gemma") or info.model_type in ("qwen3", "qwen3_moe"):
+    if info.model_type.startswith("gemma") or info.model_type in ("qwen3", "qwen3_moe", "gpt_oss"):
         config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
     if arch in QUERY_SCALE_BY_HIDDEN:
         by_hidden = config["num_hidden_layers"] == QUERY_SCALE_BY_HIDDEN[arch]

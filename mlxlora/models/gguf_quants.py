@@ -109,11 +109,15 @@ def _iq4_xs(raw):
 EXACT = {"Q4_0": (4, _q4_0), "Q4_1": (4, _q4_1), "Q5_0": (5, _q5_0), "Q5_1": (5, _q5_1),
          "Q8_0": (8, _q8_0), "Q4_K": (4, _q4_k), "Q5_K": (5, _q5_k),
          "IQ4_NL": (8, _iq4_nl), "IQ4_XS": (8, _iq4_xs)}
-SUPPORTED = FLOAT_TYPES + tuple(EXACT) + tuple(REQUANT_BITS)
+# MXFP4 (gpt-oss experts): 32 e2m1 codes and one e8m0 exponent, MLX's own "mxfp4" mode bit for bit.
+MXFP4 = (GROUP_SIZE, 4, "mxfp4")
+SUPPORTED = FLOAT_TYPES + tuple(EXACT) + tuple(REQUANT_BITS) + ("MXFP4",)
 
 
-def import_spec(kind: str, keep_float: bool = False) -> tuple[int, int] | None:
-    """(group size, bits) a matrix of GGUF type `kind` imports as; None when it stays float."""
+def import_spec(kind: str, keep_float: bool = False) -> tuple | None:
+    """(group size, bits[, mode]) a matrix of GGUF type `kind` imports as; None when it stays float."""
+    if kind == "MXFP4":
+        return MXFP4
     if kind in EXACT:
         return GROUP_SIZE, EXACT[kind][0]
     if kind in REQUANT_BITS and not keep_float:
@@ -139,8 +143,8 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def read_tensor(name: str, kind: str, data: np.ndarray, shape: tuple, quantize: bool = True,
-                keep_float: bool = False) -> tuple[dict, tuple[int, int] | None]:
-    """One GGUF tensor -> ({"weight"} or {"weight", "scales", "biases"} as mx arrays, spec).
+                keep_float: bool = False) -> tuple[dict, tuple | None]:
+    """One GGUF tensor -> ({"weight"} or {"weight", "scales"[, "biases"]} as mx arrays, spec).
 
     `shape` is the numpy shape (slowest dim first); `data` the reader's array (raw uint8 rows for
     block types). quantize=False (1-D tensors, or ones a transform rewrites) dequantizes with
@@ -163,10 +167,14 @@ def read_tensor(name: str, kind: str, data: np.ndarray, shape: tuple, quantize: 
         w = mx.array(quants.dequantize(data, qtype).reshape(shape))
         q, s, b = mx.quantize(w, group_size=GROUP_SIZE, bits=spec[1])
         return {"weight": q, "scales": s.astype(mx.float16), "biases": b.astype(mx.float16)}, spec
+    rows = shape[:-1]
+    if kind == "MXFP4":  # llama.cpp's kvalues are 2 x e2m1 and its scale 2**(e - 128): the same value
+        blocks = np.asarray(data).reshape(-1, 17)
+        return {"weight": mx.array(pack(_nibbles(blocks[:, 1:]).reshape(*rows, -1), 4)),
+                "scales": mx.array(np.ascontiguousarray(blocks[:, 0]).reshape(*rows, -1))}, spec
     bits, decode = EXACT[kind]
     block_bytes = quants.GGML_QUANT_SIZES[qtype][1]
     codes, scales, biases = decode(np.asarray(data).reshape(-1, block_bytes))
-    rows = shape[:-1]
     scales = scales.reshape(*rows, -1).astype(np.float16)
     biases = biases.reshape(*rows, -1).astype(np.float16)
     if not (np.isfinite(scales).all() and np.isfinite(biases).all()):  # past float16's range

@@ -22,6 +22,7 @@ from ..files import path_problem
 from ..lora.quant import on_cpu, use_fast_cpu_path
 from .fingerprint import content_hash, fingerprint
 from .gguf import convert_gguf
+from .hf_config import normalize
 
 MX_DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}  # dtype names -> mlx dtypes
 
@@ -104,12 +105,13 @@ def load_base(spec: str, quantize: int | None = None, group_size: int = 64, dtyp
 
     dtype: compute dtype of float parameters; default float32 on CPU, the checkpoint's own elsewhere.
     """
-    from mlx_lm.utils import load_model, load_tokenizer
+    from mlx_lm.utils import load_config, load_model, load_tokenizer
 
     path = resolve_model_path(spec)
     _check_folder(path)
     try:
-        model, config = load_model(path, trust_remote_code=trust_remote_code)
+        added = normalize(load_config(path))  # transformers-5 keys -> mlx-lm's, on a copy
+        model, config = load_model(path, model_config=added, trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
         raise ModelError(f"--model: mlx-lm could not load {path}: {str(e).splitlines()[0]}") from None

@@ -60,7 +60,11 @@ class Stepper:
         chunk: tokens per chunk of loss_fn's head (loss.tokens.loss_sums; None: from the vocabulary, 0: plain)."""
         self.model, self.optimizer = model, optimizer
         self.group = group if group is not None and group.size() > 1 else None
-        vg = nn.value_and_grad(model, loss_fn if chunk is None else partial(loss_fn, chunk=chunk))
+        if loss_fn is loss_sums:  # training's chunked loss forms the head's gradient in the forward
+            fn = partial(loss_sums, chunk=chunk, train=True)
+        else:
+            fn = loss_fn if chunk is None else partial(loss_fn, chunk=chunk)
+        vg = nn.value_and_grad(model, fn)
 
         # model.state is an output too: value_and_grad swaps traced parameters into the model.
         @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
@@ -106,6 +110,7 @@ class Stepper:
             total_l, total_n, total_m, acc = all_sum_tree((total_l, total_n, total_m, acc), self.group)
         self.metrics = total_m
         ntok = mx.maximum(total_n, 1)
+        self.last_grads = acc  # summed adapter gradients of this step (the start-up report reads step 1's)
         norm = self.update(acc, ntok)
         return total_l / ntok, total_n, norm
 
