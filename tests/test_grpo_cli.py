@@ -151,3 +151,21 @@ def test_grpo_on_a_quantized_base(cli, tmp_path, data_dir, reward_file):
     assert len(log) == 2 and all(np.isfinite(m["kl"]) for _, m in log)
     res = cli("generate", "--model", q, "--adapter", out, "--prompt", "hi", "--max-tokens", 2)
     assert res.exit_code == 0, res.output
+
+
+def test_cli_grpo_builtin_rewards_on_conversation_rows(cli, model_dir, tmp_path):
+    """The built-ins through the whole run: `answer` reaches `exact`, the weights sum, metrics per function."""
+    rows = [{"messages": [{"role": "system", "content": "Answer with one letter."},
+                          {"role": "user", "content": q}], "answer": a} for q, a in (("first?", "a"), ("last?", "z"))]
+    data = tiny.write_data(tmp_path / "chat", rows)
+    out = tmp_path / "b"
+    res = cli("train", "--model", model_dir, "--data", data, "--adapter-path", out, "--method", "grpo", "--reward",
+              "exact", "--reward", "format:0.5", "--reward", "length:0.25", "--format-pattern", "^[a-z]",
+              "--group-size", 4, "--max-completion-length", 2, "--iters", 2, "--batch-size", 2)
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "mlxlora.json").read_text())["run_record"]
+    assert rec["method"]["format_pattern"] == "^[a-z]"
+    for _, m in rec["method_log"]:
+        parts = [m[f"rewards/{n}/mean"] for n in ("exact", "format", "length")]
+        assert 0 <= parts[0] <= 1 and 0 <= parts[1] <= 1 and -1 <= parts[2] < 0
+        assert m["reward"] == pytest.approx(parts[0] + 0.5 * parts[1] + 0.25 * parts[2])
