@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -59,7 +60,11 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default="bench-moe")
+    ap.add_argument("--blas-threads", type=int, help="OpenBLAS threads of both trainers (default: as the CLI sets "
+                    "them); 1 keeps BLAS threads of one run from spinning against other jobs on a shared machine")
     args = ap.parse_args()
+    if args.blas_threads:
+        os.environ["OPENBLAS_NUM_THREADS"] = str(args.blas_threads)
     out = Path(args.out)
     models, train = make_models(out), make_data(out / "data")
     results = {}
@@ -72,6 +77,7 @@ def main():
                 runs[trainer].append(run(dict(spec, trainer=trainer), blas=True))
         med = {t: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "tokens_per_cpu_s", "peak_memory")}
                for t, rs in runs.items()}
+        med["mlxlora"]["plan_ratio"] = statistics.median(r["plan_ratio"] for r in runs["mlxlora"])
         results[case] = med
         ours, theirs = med["mlxlora"], med["mlx-lm"]
         print(f"{case:8s} mlxlora {ours['tokens_per_s']:6.0f} tok/s ({ours['tokens_per_cpu_s']:6.0f} per CPU-s) "
@@ -79,8 +85,10 @@ def main():
               f"({theirs['tokens_per_cpu_s']:6.0f} per CPU-s) {theirs['peak_memory'] / 2**20:6.1f} MiB | ratio tok/s "
               f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, per CPU-s "
               f"{ours['tokens_per_cpu_s'] / theirs['tokens_per_cpu_s']:.2f}x, peak "
-              f"{ours['peak_memory'] / theirs['peak_memory']:.2f}x", flush=True)
-    info = {"machine": f"{platform.system()} {platform.machine()}", "shape": SHAPE, "targets": TARGETS,
+              f"{ours['peak_memory'] / theirs['peak_memory']:.2f}x; planned/measured peak {ours['plan_ratio']:.2f}",
+              flush=True)
+    info = {"machine": f"{platform.system()} {platform.machine()}", "blas_threads": args.blas_threads,
+            "shape": SHAPE, "targets": TARGETS,
             "rank": 8, "batch": [4, 128], "steps": args.steps, "repeats": args.repeats, "results": results}
     (out / "bench_moe.json").write_text(json.dumps(info, indent=2) + "\n")
 
