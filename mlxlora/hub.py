@@ -18,6 +18,7 @@ from .files import atomic_write_text, check_disjoint, check_output, read_json, s
 from .inference import load_with_adapter
 from .lora.surgery import fuse_model
 from .models import resolve_model_path
+from .models.export_gguf import check_gguf_exportable, export_gguf
 from .models.hf_export import check_exportable, export_hf
 
 # Never uploaded: training checkpoints, hidden files/folders (our atomic-write temporaries are
@@ -226,11 +227,12 @@ def _explain(e: BaseException, repo_id: str, endpoint: str) -> str:
 
 def export_model(model: str, out, *, adapter=None, config: ExportConfig | None = None, force: bool = False,
                  base_model: str | None = None) -> Path:
-    """Write `model` (optionally with `adapter` fused in float) as a transformers folder with a card.
+    """Write `model` (optionally with `adapter` fused in float) as a transformers folder with a card,
+    or with config.format "gguf" as one llama.cpp GGUF file (config.gguf_type) plus an Ollama Modelfile.
 
-    model: anything load_base takes. Quantized layers are dequantized; weights are written in
+    model: anything load_base takes. Quantized layers are dequantized; hf weights are written in
     config.dtype, sharded above config.max_shard_size. Raises ModelError (unsupported
-    architecture, existing `out` without force, bad dtype/size) or AdapterError.
+    architecture, existing `out` without force, bad dtype/size, K-quant without llama-quantize) or AdapterError.
     """
     cfg = config or ExportConfig()
     out = Path(out)
@@ -241,11 +243,14 @@ def export_model(model: str, out, *, adapter=None, config: ExportConfig | None =
         model_type = json.loads((src / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         model_type = None  # load_base below names what is missing
-    if model_type is not None:
-        check_exportable(model_type)  # before loading: fail in a second, not after minutes
+    gguf = cfg.format == "gguf"
+    if model_type is not None:  # before loading: fail in a second, not after minutes
+        check_gguf_exportable(model_type, cfg.gguf_type) if gguf else check_exportable(model_type)
     base = load_with_adapter(model, adapter)
     if adapter:
         fuse_model(base.model, dequantize=True)
+    if gguf:
+        return export_gguf(base.model, base.config, base.path, out, cfg.gguf_type, force=force, flag="--out")
     card = model_card(out, "hf", base_model=base_model or model,
                       adapter_info=adapter_summary(adapter) if adapter else None, license=base_license(base.path))
     export_hf(base.model, base.config, base.path, out, cfg.dtype, force=force, max_shard_size=cfg.max_shard_size,

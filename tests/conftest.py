@@ -23,6 +23,13 @@ def tiny_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_bpe_dirs(tmp_path_factory):
+    """arch -> a tiny float32 model folder whose tokenizer has a BPE merge (tiny.make_bpe_model), shared read-only."""
+    root = tmp_path_factory.mktemp("tiny-bpe-models")
+    return {arch: tiny.make_bpe_model(root / arch, arch) for arch in ("llama", "qwen2")}
+
+
+@pytest.fixture(scope="session")
 def ids():
     """A (2, 12) batch of token ids inside tiny.VOCAB_SIZE."""
     return mx.array([[5, 60, 61, 62, 70, 80, 90, 100, 33, 34, 35, 36], [7, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]])

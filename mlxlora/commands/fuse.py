@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import FUSE_STRATEGIES, FuseConfig
+from ..config import FUSE_STRATEGIES, GGUF_TYPES, ExportConfig, FuseConfig
 from .options import GROUP_SIZE, IGNORE_BASE, QUANTIZE, default
 
 
@@ -20,8 +20,11 @@ from .options import GROUP_SIZE, IGNORE_BASE, QUANTIZE, default
 @click.option("--size-budget", type=float,
               help="auto may grow the model up to this multiple of the naive fuse's size with 8-bit layers. "
                    f"{default(FuseConfig, 'size_budget')}")
-@click.option("--format", "fmt", type=click.Choice(["mlx", "hf"]), default="mlx", show_default=True,
-              help="mlx: an mlx-lm folder; hf: a transformers folder (float weights).")
+@click.option("--format", "fmt", type=click.Choice(["mlx", "hf", "gguf"]), default="mlx", show_default=True,
+              help="mlx: an mlx-lm folder; hf: a transformers folder (float weights); gguf: a llama.cpp file "
+                   "+ Ollama Modelfile.")
+@click.option("--gguf-type", type=click.Choice(list(GGUF_TYPES)),
+              help=f"With --format gguf: the GGUF tensor type. {default(ExportConfig, 'gguf_type')}")
 @click.option("--data", help="Validation data (folder or .jsonl) for the held-out losses. [default: the adapter's]")
 @click.option("--calibration", help="Data (folder or .jsonl) whose activations guide re-quantization, or 'random'. "
               "[default: the adapter's training data, else random tokens]")
@@ -30,7 +33,7 @@ from .options import GROUP_SIZE, IGNORE_BASE, QUANTIZE, default
 @IGNORE_BASE
 @click.option("--upload", "upload_repo", help="Then upload the fused folder to this Hub repo (user/name).")
 @click.option("--private", is_flag=True, help="With --upload: create the repo private.")
-def fuse(model, adapter, out, bits, group_size, strategy, size_budget, fmt, data, calibration, show_report, force,
+def fuse(model, adapter, out, bits, group_size, strategy, size_budget, fmt, gguf_type, data, calibration, show_report, force,
          ignore_base_mismatch, upload_repo, private):
     """Fuse an adapter into its base model; writes fuse_report.json beside the weights.
 
@@ -39,7 +42,7 @@ def fuse(model, adapter, out, bits, group_size, strategy, size_budget, fmt, data
     from ..fuse import format_report, fuse_to_folder, summary_line
 
     folder, report = fuse_to_folder(
-        model, adapter, out, fmt=fmt, force=force, calibration=calibration, data=data,
+        model, adapter, out, fmt=fmt, gguf_type=gguf_type, force=force, calibration=calibration, data=data,
         bits=bits, group_size=int(group_size) if group_size else None, strategy=strategy, size_budget=size_budget,
         ignore_base_mismatch=ignore_base_mismatch or None)
     if show_report:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import ExportConfig
+from ..config import EXPORT_FORMATS, GGUF_TYPES, ExportConfig
 from .options import DTYPE, default
 
 
@@ -30,20 +30,35 @@ def upload(path, repo_id, private, message, base_model):
 @click.command(name="export-model")
 @click.option("--model", required=True, help="Base model: folder, .gguf file or hub id.")
 @click.option("--adapter", help="Adapter folder to fuse in (float) before exporting.")
-@click.option("--out", required=True, type=click.Path(), help="Output folder (transformers format).")
-@click.option("--dtype", type=DTYPE, help=f"Weight dtype. {default(ExportConfig, 'dtype')}")
-@click.option("--max-shard-size", help=f"Largest weight file, e.g. 5GB, 500MB, 4GiB. {default(ExportConfig, 'max_shard_size')}")
+@click.option("--out", required=True, type=click.Path(), help="Output folder.")
+@click.option("--format", "fmt", type=click.Choice(list(EXPORT_FORMATS)),
+              help="hf: a transformers folder; gguf: one llama.cpp/Ollama/LM Studio file + Modelfile. "
+                   f"{default(ExportConfig, 'format')}")
+@click.option("--dtype", type=DTYPE, help=f"Weight dtype (hf). {default(ExportConfig, 'dtype')}")
+@click.option("--gguf-type", type=click.Choice(list(GGUF_TYPES)),
+              help="GGUF tensor type; the K-quants need llama.cpp's llama-quantize. "
+                   f"{default(ExportConfig, 'gguf_type')}")
+@click.option("--max-shard-size", help=f"Largest weight file (hf), e.g. 5GB, 500MB, 4GiB. "
+                                       f"{default(ExportConfig, 'max_shard_size')}")
 @click.option("--base-model", help="Hub id of the base model for the card, when --model is a local folder.")
 @click.option("--force", is_flag=True, default=False, help="Replace an existing --out folder.")
-def export_model(model, adapter, out, dtype, max_shard_size, base_model, force):
-    """Write a model (with an adapter fused in) that transformers loads without MLX.
+def export_model(model, adapter, out, fmt, dtype, gguf_type, max_shard_size, base_model, force):
+    """Write a model (with an adapter fused in) that transformers, or llama.cpp/Ollama/LM Studio, load.
 
+    \b
     Example: mlxlora export-model --model ./smollm2 --adapter runs/devil --out smollm2-devil-hf
+    Example: mlxlora export-model --model ./smollm2 --adapter runs/devil --format gguf --gguf-type q8_0 --out devil-gguf
     """
     from ..config import given
     from ..hub import export_model as run_export
 
-    cfg = ExportConfig(**given(dtype=dtype, max_shard_size=max_shard_size))
+    from ..errors import ConfigError
+
+    if fmt != "gguf" and gguf_type is not None:
+        raise ConfigError(f"--gguf-type {gguf_type} needs --format gguf")
+    if fmt == "gguf" and (dtype or max_shard_size):
+        raise ConfigError(f"--format gguf writes one file in --gguf-type; drop --{'dtype' if dtype else 'max-shard-size'}")
+    cfg = ExportConfig(**given(format=fmt, dtype=dtype, max_shard_size=max_shard_size, gguf_type=gguf_type))
     folder = run_export(model, out, adapter=adapter, config=cfg, force=force, base_model=base_model)
     files = sorted(p.name for p in folder.iterdir())
-    click.echo(f"wrote {folder} ({cfg.dtype}): {', '.join(files)}")
+    click.echo(f"wrote {folder} ({cfg.gguf_type if cfg.format == 'gguf' else cfg.dtype}): {', '.join(files)}")

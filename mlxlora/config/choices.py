@@ -15,7 +15,12 @@ BITS = (2, 3, 4, 5, 6, 8)  # quantization widths MLX's affine mode has
 GROUP_SIZES = (32, 64, 128)  # group sizes MLX's affine quantization supports
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # float dtypes for compute and for written weights
 SCHEDULES = ("cosine", "linear", "constant")
+TRACKERS = ("wandb", "mlflow", "tensorboard", "trackio")  # train --report-to (mlxlora/train/trackers.py)
 FUSE_STRATEGIES = ("naive", "grid", "gptq", "refit")  # fuse.requant.STRATEGIES, in this order
+# GGUF tensor types `export-model --format gguf` writes: gguf-py writes the first five itself,
+# llama.cpp's llama-quantize the K-quants (models.export_gguf.K_QUANTS).
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+EXPORT_FORMATS = ("hf", "gguf")
 # Decimal units as transformers/huggingface_hub read "5GB"; binary ones for "4GiB".
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError, choice_error
-from .choices import BITS, FUSE_STRATEGIES, GROUP_SIZES, check_dtype, number, parse_size, positive
+from .choices import BITS, EXPORT_FORMATS, FUSE_STRATEGIES, GGUF_TYPES, GROUP_SIZES, check_dtype, number, parse_size, positive
 
 
 @dataclass
@@ -84,14 +84,24 @@ class ServeConfig:
 
 @dataclass
 class ExportConfig:
-    """Defaults of `mlxlora export-model`. dtype: float weights written; max_shard_size: per file."""
+    """Defaults of `mlxlora export-model` (and of `fuse --format gguf`'s gguf_type).
 
+    format: "hf" (a transformers folder) or "gguf" (one llama.cpp file + an Ollama Modelfile).
+    dtype: float weights written for hf; max_shard_size: per hf file; gguf_type: GGUF_TYPES entry.
+    """
+
+    format: str = "hf"
     dtype: str = "float32"
     max_shard_size: str = "5GB"
+    gguf_type: str = "f16"
 
     def __post_init__(self):
+        if self.format not in EXPORT_FORMATS:
+            raise choice_error("--format", self.format, EXPORT_FORMATS)
         check_dtype(self.dtype)
         parse_size(self.max_shard_size)
+        if self.gguf_type not in GGUF_TYPES:
+            raise choice_error("--gguf-type", self.gguf_type, GGUF_TYPES)
 
 
 @dataclass

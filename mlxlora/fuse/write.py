@@ -10,11 +10,12 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..config import FuseConfig, given
+from ..config import ExportConfig, FuseConfig, given
 from ..errors import ConfigError, ModelError
 from ..files import atomic_folder, check_disjoint, check_output
 from ..lora.surgery import adapter_layers
 from ..models import load_base
+from ..models.export_gguf import check_gguf_exportable, export_gguf
 from ..models.hf_export import TOKENIZER_FILES, export_hf
 from .core import fuse_model
 from .report import REPORT_FILE, write_report
@@ -44,9 +45,10 @@ def save_fused(model, config: dict, tokenizer_dir, out_dir, force: bool = False,
 
 
 def fuse_to_folder(model: str, adapter, out_dir, *, fmt: str = "mlx", force: bool = False, calibration=None,
-                   data=None, **options) -> tuple[Path, dict]:
-    """Load `model`, fuse `adapter` into it, write `out_dir` (mlx-lm folder, or transformers with
-    fmt="hf"); returns (folder, report). fuse_report.json is always written into the folder.
+                   data=None, gguf_type: str | None = None, **options) -> tuple[Path, dict]:
+    """Load `model`, fuse `adapter` into it, write `out_dir` (mlx-lm folder, transformers with
+    fmt="hf", or a GGUF file + Modelfile with fmt="gguf" in `gguf_type`, ExportConfig's default when None);
+    returns (folder, report). fuse_report.json is always written into the folder.
     `options`: FuseConfig fields (bits, group_size, strategy, ...). An existing non-empty `out_dir`
     is refused before any work unless `force`. This is the one call the CLI makes; an uploader can
     call it and then push the folder it returns.
@@ -56,20 +58,28 @@ def fuse_to_folder(model: str, adapter, out_dir, *, fmt: str = "mlx", force: boo
                          "--calibration": None if calibration == "random" else calibration},
                    flag="--out", error=ModelError)
     check_output(out, force=force, flag="--out", error=ModelError)
-    if fmt not in ("mlx", "hf"):
-        raise ConfigError(f"--format must be mlx or hf, got {fmt!r}")
+    if fmt not in ("mlx", "hf", "gguf"):
+        raise ConfigError(f"--format must be mlx, hf or gguf, got {fmt!r}")
+    if gguf_type is not None and fmt != "gguf":
+        raise ConfigError(f"--gguf-type {gguf_type} needs --format gguf")
+    gguf_type = ExportConfig(**given(gguf_type=gguf_type)).gguf_type
     opts = FuseConfig(**given(**options))
-    if fmt == "hf":
+    if fmt in ("hf", "gguf"):
         if opts.bits:
-            raise ConfigError(f"--format hf writes float weights; drop --bits {opts.bits} (or use --format mlx)")
-        opts.bits = 0  # transformers gets the exact float fuse
+            raise ConfigError(f"--format {fmt} writes float weights; drop --bits {opts.bits} (or use --format mlx)")
+        opts.bits = 0  # transformers / llama.cpp get the exact float fuse
     base = load_base(model)
+    if fmt == "gguf":  # before the fuse: fail in a second, not after minutes
+        check_gguf_exportable(base.config.get("model_type"), gguf_type)
     fused, config, report = fuse_model(base, adapter, calibration=calibration, data=data, options=opts)
     if fmt == "mlx":
         save_fused(fused, config, base.path, out, force=force, report=report, flag="--out")
-    else:
+    elif fmt == "hf":
         export_hf(fused, config, base.path, out, dtype=_dtype_name(fused), force=force,
                   extra_files={REPORT_FILE: json.dumps(report, indent=2) + "\n"}, flag="--out")
+    else:
+        export_gguf(fused, config, base.path, out, gguf_type, force=force,
+                    extra_files={REPORT_FILE: json.dumps(report, indent=2) + "\n"}, flag="--out")
     return out, report
 
 

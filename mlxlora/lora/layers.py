@@ -17,6 +17,7 @@ import mlx.nn as nn
 
 from ..errors import ConfigError
 from .quant import dequantize_weight, float_weight, weight_shape
+from .switch import LoRASwitchLinear
 
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 EMBEDDING_TYPES = (nn.Embedding, nn.QuantizedEmbedding)
@@ -209,7 +210,7 @@ class LoRAEmbedding(nn.Module):
         return fused
 
 
-ADAPTER_TYPES = (LoRALinear, LoRAEmbedding)
+ADAPTER_TYPES = (LoRALinear, LoRAEmbedding, LoRASwitchLinear)
 
 
 def base_of(layer: nn.Module) -> nn.Module:
