@@ -70,7 +70,7 @@ def test_architecture(arch):
         return
     assert arch not in MLX_LM_FAILS, f"{arch} now works: drop it from MLX_LM_FAILS"
     assert row.cells["train"] == C.OK and row.cells["fuse"] == C.OK, row.cells
-    assert row.cells["DoRA"] == C.OK, row.cells["DoRA"]
+    assert row.cells["DoRA"] in (C.OK, "ok (dense layers; DoRA on experts is refused with one line)"), row.cells["DoRA"]
     assert row.cells["QLoRA"] == C.OK, row.cells["QLoRA"]
     assert row.cells["packing"] == C.OK or row.cells["packing"].startswith("refused: "), row.cells["packing"]
     gguf = row.cells["GGUF LoRA export"]
