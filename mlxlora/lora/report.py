@@ -58,7 +58,9 @@ def summary(model: nn.Module) -> dict[str, int]:
 def _linear_like(module: nn.Module) -> bool:
     """A leaf that multiplies by a >= 2-D weight of its own (Linear-shaped but maybe not nn.Linear)."""
     w = module.get("weight") if isinstance(module, dict) else None
+    name = type(module).__name__
     return (isinstance(w, mx.array) and w.ndim >= 2 and not isinstance(module, EMBEDDING_TYPES)
+            and "Conv" not in name and "Norm" not in name  # a state-space block's conv, a per-head norm
             and not any(isinstance(v, nn.Module) for v in module.values()))
 
 
