@@ -4,7 +4,7 @@ README.md (between the `conformance:start` / `conformance:end` markers).
     python scripts/conformance.py            # all architectures, rewrites the README table
     python scripts/conformance.py llama mixtral --no-write
 
-The cells come from the same checks tests/test_conformance.py asserts (tests/conformance.py), run here
+The cells come from the same checks tests/test_conformance.py asserts (tests/conformance_checks.py), run here
 eagerly; PEFT parity is what tests/test_transformers5.py checks (tests/hf_twins.py). Prints the counts.
 """
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import mlx.core as mx  # noqa: E402
 
 import arch_configs as A  # noqa: E402
-import conformance as C  # noqa: E402
+import conformance_checks as C  # noqa: E402
 
 START, END = "<!-- conformance:start -->", "<!-- conformance:end -->"
 # long reasons -> what fits in a table cell
@@ -32,7 +32,8 @@ SHORT = [
     (r"^refused: its attention broadcasts.*", "refused: mask broadcast (loss differs)"),
     (r"^refused: its attention does not take.*", "refused: attention ignores the packed mask"),
     (r"^no llama.cpp architecture mapping.*", "no llama.cpp mapping"),
-    (r"^ok \(attention only.*", "✅ attention only (router: see hf_twins.py)"),
+    (r"^ok \(dense layers; DoRA on experts.*", "✅ dense layers (experts: refused)"),
+    (r"^ok \(attention only.*", "✅ attention only (see tests/hf_twins.py)"),
     (r"^base logits equal; all-linear adapter differs.*", "router differs in transformers 5"),
     (r"^base logits differ.*", "base logits differ (tiny config)"),
     (r"^the folders differ.*", "weights differ (tiny config)"),

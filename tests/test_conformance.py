@@ -1,6 +1,6 @@
 """The conformance matrix: every text architecture of the installed mlx-lm, through mlxlora's API.
 
-One parametrised test per architecture of tests/arch_configs.py runs tests/conformance.py's checks
+One parametrised test per architecture of tests/arch_configs.py runs tests/conformance_checks.py's checks
 (all-linear LoRA with non-zero lora_b: forward, finite non-zero adapter gradients, compiled steps that
 lower the loss, save -> load -> equal logits, float fuse -> equal logits, DoRA, 4-bit QLoRA
 forward/backward, head-only-at-loss equal to the full head, packing where it is enabled). A failure
@@ -15,7 +15,7 @@ import mlx_lm.models
 import pytest
 
 import arch_configs as A
-import conformance as C
+import conformance_checks as C
 
 # Architectures whose plain model (no adapters) fails inside mlx-lm 0.32.2 on this CPU, and why.
 MLX_LM_FAILS = {
@@ -55,7 +55,7 @@ def test_crashing_plain_model_still_crashes(arch):
     from pathlib import Path
 
     code = ("import sys; sys.path.insert(0, 'tests'); import mlx.core as mx, mlx.nn as nn; mx.disable_compile(); "
-            "import conformance as C; from mlxlora.loss import loss_sums; "
+            "import conformance_checks as C; from mlxlora.loss import loss_sums; "
             f"m = C.build({arch!r}); x, y, k = (mx.array(a) for a in C.batch()); "
             "mx.eval(nn.value_and_grad(m, loss_sums)(m, x, y, k))")
     res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True)

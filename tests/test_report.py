@@ -7,7 +7,7 @@ import mlx.core as mx
 import pytest
 from rich.console import Console
 
-import conformance as C
+import conformance_checks as C
 import tiny
 from mlxlora import LoraConfig, TrainConfig
 from mlxlora.errors import ConfigError
