@@ -28,6 +28,9 @@ HF_TWINS = {
 }
 # all-linear unless named here, with the reason.
 PEFT_TARGETS = {
+    "mellum": (["q_proj", "k_proj", "v_proj", "o_proj"],
+               "attention only: with all-linear (experts included) PEFT's logits differ (0.31 relative, "
+               "measured 2026-12-02): mellum's expert layout in transformers is not what the PEFT export writes"),
     "granitemoe": (["q_proj", "k_proj", "v_proj", "o_proj"],
                    "attention only: mlx-lm's router is a Linear (router.layer) while transformers 5's "
                    "GraniteMoeTopKRouter holds the weight itself, which PEFT cannot target"),

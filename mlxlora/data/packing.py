@@ -13,7 +13,7 @@ import numpy as np
 from .rows import Sample
 
 # model_type values whose packed loss was checked equal to each sample alone, two packed rows with one
-# sample longer than the sliding window (tests/conformance.py packing_equal, run for all of these by
+# sample longer than the sliding window (tests/conformance_checks.py packing_equal, run for all of these by
 # tests/test_conformance.py).
 PACKABLE = {
     "Klear", "afmoe", "apertus", "bailing_moe", "bailing_moe_v3", "cohere", "cohere2", "dbrx", "deepseek",

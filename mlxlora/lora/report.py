@@ -13,9 +13,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..config import ALL_LINEAR
 from .layers import ADAPTER_TYPES, EMBEDDING_TYPES, LINEAR_TYPES, LoRAEmbedding
 from .surgery import adapter_layers, block_index
 
+ADAPTABLE_NAMES = {t.__name__ for t in LINEAR_TYPES} | {"CPUQuantizedLinear"}
 KINDS = ("attention", "MLP", "experts", "router", "embedding", "other")
 # (kind, how a path is recognised): the last name, or any name of the path. First match wins.
 ROUTER_NAMES = {"gate", "router", "wg", "shared_expert_gate", "moe_gate", "gate_network"}
@@ -56,20 +58,25 @@ def summary(model: nn.Module) -> dict[str, int]:
 def _linear_like(module: nn.Module) -> bool:
     """A leaf that multiplies by a >= 2-D weight of its own (Linear-shaped but maybe not nn.Linear)."""
     w = module.get("weight") if isinstance(module, dict) else None
+    name = type(module).__name__
     return (isinstance(w, mx.array) and w.ndim >= 2 and not isinstance(module, EMBEDDING_TYPES)
+            and "Conv" not in name and "Norm" not in name  # a state-space block's conv, a per-head norm
             and not any(isinstance(v, nn.Module) for v in module.values()))
 
 
 def not_adapted(model: nn.Module) -> list[tuple[str, str]]:
-    """(path, type name) of linear-like modules in blocks that have adapters, not wrapped and not a
-    type mlxlora adapts (Linear / QuantizedLinear / Embedding), in model order."""
+    """(path, type name) of linear-like modules in blocks that have adapters and were not wrapped: a type
+    mlxlora does not adapt, or (with all-linear) a Linear that all-linear leaves out (an MoE router)."""
     adapted = [p for p, _ in adapter_layers(model)]
     blocks = {block_index(p) for p in adapted}
     inside = tuple(p + "." for p in adapted)
+    cfg = getattr(model, "lora_config", None)
+    all_linear = cfg is not None and cfg.target_modules == ALL_LINEAR
     out = []
     for path, m in model.named_modules():
-        if (path.startswith(inside) or isinstance(m, ADAPTER_TYPES + LINEAR_TYPES) or not _linear_like(m)
-                or block_index(path) not in blocks):
+        if (path.startswith(inside) or isinstance(m, ADAPTER_TYPES) or not _linear_like(m)
+                or block_index(path) not in blocks or (isinstance(m, LINEAR_TYPES) and not all_linear)
+                or path in adapted):
             continue
         out.append((path, type(m).__name__))
     return sorted(out, key=lambda pt: (block_index(pt[0]) or 0, pt[0]))
@@ -84,8 +91,10 @@ def describe(model: nn.Module) -> list[str]:
         by_type.setdefault(name, []).append(path)
     for name, paths in by_type.items():
         leaves = sorted({p.split(".")[-1] for p in paths})
+        why = (f"all-linear leaves MoE routers out; name them in --target ({', '.join(leaves)}) to train them"
+               if name in ADAPTABLE_NAMES else f"mlxlora cannot wrap {name}, so they stay frozen")
         lines.append(f"warning: {len(paths)} {name} module(s) in the adapted blocks are not adapted "
-                     f"({', '.join(leaves)}; e.g. {paths[0]}): mlxlora cannot wrap {name}, so they stay frozen")
+                     f"({', '.join(leaves)}; e.g. {paths[0]}): {why}")
     return lines
 
 
