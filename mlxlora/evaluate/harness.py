@@ -206,8 +206,8 @@ def task_rows(results: dict[str, dict]) -> list[dict]:
     rows = []
     for task, metrics in first.items():
         for key, value in metrics.items():
-            if key == "alias" or "_stderr" in key or not isinstance(value, (int, float)):
-                continue
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                continue  # lm-eval names metrics "metric,filter"; alias, sample_len and stderrs are not scores
             metric = key.split(",")[0]  # lm-eval writes "acc,none": metric, filter
             rows.append({"task": task, "metric": metric,
                          "values": {m: results[m].get(task, {}).get(key) for m in models}})
