@@ -79,7 +79,7 @@ def case_d(run, q4: Path, work: Path, common: dict, budget_gib: float, max_len: 
         length, longest, tried = (256 if who == "mlx-lm" else 1024), None, []
         while length <= max_len:
             s = dict(spec, trainer=who, batch_size=1, max_seq_length=length, warmup=1, steps=1,
-                     train_file=str(half_prompt_rows(q4, work / f"half-{length}.jsonl", length, 3)))
+                     train_file=str(half_prompt_rows(q4, work / f"ladder-{length}.jsonl", length, 3)))
             r = run(s, blas=True)
             tried.append([length, r["peak_memory"]])
             print(f"[d] 1x{length:<6d} {who:8s} peak {r['peak_memory'] / 2**30:.2f} GiB (budget {budget_gib} GiB)", flush=True)
