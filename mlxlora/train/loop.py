@@ -148,7 +148,6 @@ class Trainer:
             self.ref_tensors = dict(adapter_parameters(model))
         else:
             get_lora_model(model, cfg.lora)
-        report_adapted(self.progress, model)
         if cfg.grad_checkpoint:
             grad_checkpoint_blocks(model)
         total = self.total_steps()
@@ -163,6 +162,7 @@ class Trainer:
             except OSError as e:
                 raise AdapterError(f"--adapter-path {self.out}: cannot create {self.run_dir} ({write_failure(e)}); "
                                    "choose another --adapter-path") from None
+        report_adapted(self.progress, model)  # once the output folder exists: a bad --adapter-path stays one line
         if cfg.preference.needs_reference:
             self._reference(model)
         # the loss's chunk of tokens: sized from the head's vocabulary and this machine's memory
