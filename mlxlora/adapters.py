@@ -28,6 +28,7 @@ from .files import read_json
 from .lora.layers import ADAPTER_TYPES, DoRALinear, LoRAEmbedding
 from .lora.multi_layers import MULTI_TYPES
 from .lora.quant import float_weight, weight_shape
+from .lora.switch import SWITCH_TYPES, LoRASwitchLinear, switch_dims
 from .lora.surgery import adapter_layers, find_targets, get_lora_model, num_blocks
 from .models import load_base, resolve_model_path
 from .models.fingerprint import base_differences
@@ -72,8 +73,12 @@ def name_for_peft(record: AdapterRecord, model: nn.Module) -> AdapterRecord:
 
 
 def _peft_targets(model, record: AdapterRecord) -> list[str]:
-    """Short names ("q_proj") when PEFT's matcher selects exactly the record's paths with them, else full HF paths."""
-    paths, model_type, config = record.module_paths, record.model_type, record.config
+    """Short names ("q_proj") when PEFT's matcher selects exactly the record's paths with them, else full HF paths.
+    Expert layers are not among them: PEFT reaches transformers' fused experts by target_parameters."""
+    model_type, config = record.model_type, record.config
+    paths = [p for p in record.module_paths if not record.layers[p].experts]
+    if not paths:
+        return []
     pattern = peft.layers_pattern_of([mlx_to_hf(p, model_type) for p in paths])
     layers = (list(range(max(0, record.num_blocks - config.last_n_layers), record.num_blocks))
               if config.last_n_layers is not None else config.layers_to_transform)
@@ -92,7 +97,8 @@ def _peft_targets(model, record: AdapterRecord) -> list[str]:
 
     # Module paths PEFT would see: adapter layers count as their base, their insides do not exist.
     inner = tuple(p + "." for p, m in model.named_modules() if isinstance(m, (*ADAPTER_TYPES, *MULTI_TYPES)))
-    candidates = [p for p, _ in model.named_modules() if p and not p.startswith(inner)]
+    candidates = [p for p, m in model.named_modules() if p and not p.startswith(inner)
+                  and not isinstance(m, (*SWITCH_TYPES, LoRASwitchLinear))]
     if {p for p in candidates if selected(mlx_to_hf(p, model_type))} == set(paths):
         return short
     return sorted(mlx_to_hf(p, model_type) for p in paths)
@@ -118,6 +124,9 @@ def fit(model: nn.Module, record: AdapterRecord) -> AdapterRecord:
         rows, cols = _dims(module, embedding)
         r = record.config.rank_alpha_for(path)[0]
         want = {"lora_a": (rows, r), "lora_b": (r, cols)}
+        if isinstance(module, SWITCH_TYPES):  # one pair per expert
+            e = module.num_experts
+            want = {"lora_a": (e, rows, r), "lora_b": (e, r, cols)}
         if record.config.use_dora:
             want["m"] = (cols,)
         lora = record.layers.get(path)
@@ -152,7 +161,9 @@ def fit(model: nn.Module, record: AdapterRecord) -> AdapterRecord:
 
 
 def _dims(module, embedding: bool) -> tuple[int, int]:
-    """(rows of lora_a, columns of lora_b): (in, out) of a linear layer, (num, dims) of an embedding."""
+    """(rows of lora_a, columns of lora_b): (in, out) of a linear (or switch) layer, (num, dims) of an embedding."""
+    if isinstance(module, SWITCH_TYPES):
+        return switch_dims(module)[1:]
     rows, cols = weight_shape(module)
     return (rows, cols) if embedding else (cols, rows)
 

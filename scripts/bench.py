@@ -3,7 +3,9 @@
     .venv/bin/python scripts/bench.py [--repeats 2] [--steps 4] [--out bench]
 
 Cases: (a) the real SmolLM2-135M 4-bit (from its GGUF) on the demo data; (b) a float32 base
-of the same shape on fixed-length text; (c) a variable-length chat set (48 chats, ~50-1000 tokens).
+of the same shape on fixed-length text; (c) a variable-length chat set (48 chats, ~50-1000 tokens);
+(d) a large-vocabulary shape (scripts/bench_vocab.py): peak memory at 4 x 1024, the chunked loss's
+throughput cost, and the longest sequence each trainer fits at batch 1 in --budget-gib.
 Each run is its own process. mlxlora runs as the `mlxlora` command would (OpenBLAS preloaded
 on Linux); the anchor is mlx-lm as a user gets it (`mlx-lm`), and also mlx-lm with the same
 OpenBLAS preloaded (`mlx-lm+blas`) so the table separates what the BLAS gives from what our
@@ -123,6 +125,8 @@ def main():
     ap.add_argument("--max-seq-length", type=int, default=256, help="cases a and b; case c uses 4x this")
     ap.add_argument("--anchors", default="mlx-lm,mlx-lm+blas")
     ap.add_argument("--out", default=str(ROOT / "bench"))
+    ap.add_argument("--budget-gib", type=float, default=2.0, help="case d: the memory budget of the longest-sequence search")
+    ap.add_argument("--max-len", type=int, default=4096, help="case d: the longest sequence tried")
     args = ap.parse_args()
     out = Path(args.out)
     work = out / "work"
@@ -149,6 +153,12 @@ def main():
     anchors = [a for a in args.anchors.split(",") if a]
     results = {}
     for key in args.cases.split(","):
+        if key == "d":  # scripts/bench_vocab.py: its own layout of runs
+            from bench_vocab import case_d
+
+            results["d"] = case_d(run, q4, work, common, args.budget_gib, args.max_len)
+            (out / "vocab.json").write_text(json.dumps(results["d"], indent=1))
+            continue
         title, spec = cases[key]
         runs = {"mlxlora": [], **{a: [] for a in anchors}}
         for rep in range(args.repeats):
@@ -162,7 +172,11 @@ def main():
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
             "cpu": _cpu_name(), "settings": common, "repeats": args.repeats}
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    table = markdown(meta, results, anchors)
+    table = markdown(meta, {k: v for k, v in results.items() if k != "d"}, anchors)
+    if "d" in results:
+        from bench_vocab import markdown_d
+
+        table += "\n" + markdown_d(results["d"])
     (out / "results.md").write_text(table)
     print(table)
 

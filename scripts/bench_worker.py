@@ -2,7 +2,7 @@
 
 usage: python scripts/bench_worker.py JSON_SPEC  ->  prints one JSON line on stdout
 spec: {"trainer": "mlxlora"|"mlx-lm", "model", "train_file", "rank", "targets", "batch_size",
-       "max_seq_length", "warmup", "steps", "seed", "pack": null|bool}
+       "max_seq_length", "warmup", "steps", "seed", "pack": null|bool, "chunk": 0 (mlxlora's plain loss)}
 Tokens are non-padding input tokens (sum over samples of len(ids) - 1), the same count for both.
 """
 
@@ -38,6 +38,10 @@ def run_mlxlora(spec: dict, out: Path) -> dict:
                       iters=total, batch_size=spec["batch_size"], max_seq_length=spec["max_seq_length"],
                       lr=1e-4, save_every=10 ** 6, report_every=10 ** 6, seed=spec["seed"], pack=spec.get("pack"),
                       lora=LoraConfig(r=spec["rank"], lora_alpha=2.0 * spec["rank"], target_modules=spec["targets"]))
+    if spec.get("chunk") == 0:  # the plain loss over full logits, to time what chunking costs
+        import mlxlora.train.loop as loop
+
+        loop.model_chunk_rows = lambda *a, **k: 0
     base = load_base(spec["model"])
     n_params = sum(v.size for _, v in _float_sizes(base.model))
     trainer = Trainer(cfg, base=base, callbacks=[lambda st: marks.append((time.perf_counter(), st.tokens))])

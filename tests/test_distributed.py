@@ -63,6 +63,31 @@ def test_two_ranks_equal_one_rank_with_double_batch(setup):
 
 
 @pytest.mark.skipif(LAUNCH is None, reason="mlx.launch not installed")
+def test_dpo_two_ranks_equal_one_rank_with_double_batch(setup):
+    root = setup[0]
+    model = setup[1]
+    rows = [{"prompt": f"Count {i}.", "chosen": " ".join(str(j) for j in range(i % 7 + 1)), "rejected": f"no {i}"}
+            for i in range(11)]  # 11 pairs: the last global batch of 4 does not reach rank 1
+    data = tiny.write_data(root / "pairs", rows)
+    args = [HERE / "dist_train_rank.py", model, data]
+    one = subprocess.run([sys.executable, *map(str, args + [root / "dpo1", 4, 4, "dpo"])],
+                         capture_output=True, text=True, timeout=600, env=_env())
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _launch(args + [root / "dpo2", 2, 4, "dpo"], port=35230)
+    assert two.returncode == 0, (two.stdout[-2000:], two.stderr[-3000:])
+    ref, r0 = mx.load(str(root / "dpo1.rank0.safetensors")), mx.load(str(root / "dpo2.rank0.safetensors"))
+    r1 = mx.load(str(root / "dpo2.rank1.safetensors"))
+    for k in ref:
+        assert np.array_equal(np.array(r0[k]), np.array(r1[k])), k
+        np.testing.assert_allclose(np.array(r0[k]), np.array(ref[k]), atol=2e-5, err_msg=k)
+    assert max(float(mx.abs(ref[k]).max()) for k in ref if k.endswith("lora_b")) > 1e-3
+    a = json.loads((root / "dpo1" / "mlxlora.json").read_text())["run_record"]
+    b = json.loads((root / "dpo2" / "mlxlora.json").read_text())["run_record"]
+    assert a["method"]["method"] == b["method"]["method"] == "dpo"
+    assert b["method_metrics"]["accuracy"] == pytest.approx(a["method_metrics"]["accuracy"])
+
+
+@pytest.mark.skipif(LAUNCH is None, reason="mlx.launch not installed")
 def test_killed_rank_ends_run_with_error_and_usable_checkpoint(setup, tmp_path):
     root, model, data = setup
     script = tmp_path / "die.py"

@@ -11,6 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import tiny
+from gguf_blocks import random_blocks
 from mlxlora.models.gguf import convert_gguf, llama3_rope_scaling
 from mlxlora.errors import ModelError
 
@@ -55,10 +56,11 @@ def _qwen2_tokenizer(tok):
     return (lambda text: source.encode(text)), dict(tok, pre="qwen2")
 
 
-def _spm_tokenizer(tmp_path):
-    """A small trained SentencePiece BPE (byte fallback), as llama-2 style GGUF vocab."""
+def _spm_tokenizer(tmp_path, prefix=True):
+    """A small trained SentencePiece BPE (byte fallback), as llama-2 style GGUF vocab; without the
+    dummy space prefix as gemma's (GGUF tokenizer.ggml.add_space_prefix = false)."""
     spm = pytest.importorskip("sentencepiece")
-    spm.SentencePieceTrainer.train(
+    spm.SentencePieceTrainer.train(add_dummy_prefix=prefix,
         sentence_iterator=iter(CORPUS * 20), model_prefix=str(tmp_path / "sp"), vocab_size=400,
         model_type="bpe", byte_fallback=True, minloglevel=2,
         # as in Llama 2's tokenizer.model (llama.cpp does not normalize text either)
@@ -67,7 +69,8 @@ def _spm_tokenizer(tmp_path):
     ids = range(sp.get_piece_size())
     types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in ids]
     return sp, dict(model="llama", tokens=[sp.id_to_piece(i) for i in ids], types=types,
-                    scores=[sp.get_score(i) for i in ids], bos=sp.bos_id(), eos=sp.eos_id(), unk=sp.unk_id())
+                    scores=[sp.get_score(i) for i in ids], bos=sp.bos_id(), eos=sp.eos_id(), unk=sp.unk_id(),
+                    prefix=prefix)
 
 
 def _tiny_model(arch, vocab_size, **overrides):
@@ -87,16 +90,7 @@ def _llama_cpp_permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _random_kquant(rows, cols, qtype):
-    """Valid Q4_K / Q6_K blocks with random codes and small scales (gguf cannot quantize to K)."""
-    nbytes = {Q.Q4_K: 144, Q.Q6_K: 210}[qtype]
-    raw = np.random.default_rng(rows + cols).integers(0, 256, (rows, cols // 256, nbytes), np.uint8)
-    d = np.frombuffer(np.float16(2e-3 if qtype == Q.Q4_K else 1e-4).tobytes(), np.uint8)
-    if qtype == Q.Q4_K:
-        raw[..., 0:2], raw[..., 2:4] = d, d  # d, dmin
-    else:
-        raw[..., 208:210] = d
-    return raw.reshape(rows, -1)
+GGUF_PY_QUANTIZES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4")
 
 
 def _write_gguf(path, arch, config, model, tok, types=lambda name, a: "F32", extra=None):
@@ -129,6 +123,7 @@ def _write_gguf(path, arch, config, model, tok, types=lambda name, a: "F32", ext
         w.add_chat_template(tiny.CHATML)
     else:
         w.add_token_scores(tok["scores"])
+        w.add_add_space_prefix(tok["prefix"])
         w.add_bos_token_id(tok["bos"])
         w.add_eos_token_id(tok["eos"])
         w.add_unk_token_id(tok["unk"])
@@ -143,9 +138,13 @@ def _write_gguf(path, arch, config, model, tok, types=lambda name, a: "F32", ext
             stored = _llama_cpp_permute(a, n_head if "q_proj" in hf else n_kv)
         else:
             stored = a
-        if qtype in (Q.Q4_K, Q.Q6_K):  # not permuted in these tests, so HF order == file order
-            raw = _random_kquant(*a.shape, qtype)
-            held[hf] = gguf.quants.dequantize(raw, qtype)
+        if qtype.name not in GGUF_PY_QUANTIZES:  # random valid blocks, as the file's (row) order
+            raw = random_blocks(qtype.name, *a.shape, seed=len(held), peak=0.5)
+            file_rows = gguf.quants.dequantize(raw, qtype)
+            order = _llama_cpp_permute(np.arange(a.shape[0]), n_head if "q_proj" in hf else n_kv) \
+                if stored is not a else np.arange(a.shape[0])
+            held[hf] = np.empty_like(file_rows)
+            held[hf][order] = file_rows  # file row i holds HF row order[i]
         else:  # quantization groups run along rows, so it commutes with the row permutation
             raw = stored.astype(np.float16) if qtype == Q.F16 else gguf.quants.quantize(stored, qtype)
             held[hf] = gguf.quants.dequantize(gguf.quants.quantize(a, qtype), qtype)
@@ -223,14 +222,13 @@ MIXED = {"token_embd": "F16", "attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q8_
          "output": "Q6_K"}
 
 
-def _mixed_types(overrides=None):
-    table = dict(MIXED, **(overrides or {}))
+def _mixed_types(table=MIXED):
     return lambda name, a: table.get(name.split(".")[-2], "F32") if a.ndim == 2 else "F32"
 
 
 @pytest.mark.peer
 def test_mixed_types_keep_native_quants(tmp_path, bpe):
-    """Q4_0/Q4_1/Q8_0 stay quantized (4/8 bit); K-quants, BF16 and F16 come back float."""
+    """Block types stay quantized at their own width; F16 and BF16 stay float until -q."""
     import mlx_lm
 
     encode, tok = bpe
@@ -242,42 +240,75 @@ def test_mixed_types_keep_native_quants(tmp_path, bpe):
                                  return_config=True)
     layer = loaded.model.layers[0]
     assert (layer.self_attn.q_proj.bits, layer.self_attn.k_proj.bits, layer.self_attn.v_proj.bits) == (4, 4, 8)
-    assert type(layer.mlp.down_proj) is nn.Linear and type(loaded.lm_head) is nn.Linear
+    assert layer.mlp.down_proj.bits == 4 and loaded.lm_head.bits == 8  # Q4_K exact, Q6_K re-quantized
     assert type(loaded.model.embed_tokens) is nn.Embedding and layer.mlp.up_proj.weight.dtype == mx.bfloat16
     q = cfg["quantization"]
-    assert (q["bits"], q["group_size"], q["lm_head"]) == (4, 32, False)
+    assert (q["bits"], q["group_size"], q["lm_head"]) == (4, 32, {"group_size": 32, "bits": 8})
     assert q["model.layers.1.self_attn.o_proj"] == {"group_size": 32, "bits": 8}
+    assert q["model.layers.1.mlp.up_proj"] is False
     assert np.abs(_logits(loaded, ids) - _logits(model, ids)).max() <= 1e-2
+    loaded, _ = mlx_lm.load(str(convert_gguf(tmp_path / "mixed.gguf", tmp_path / "q8", quantize_bits=8)))
+    layer = loaded.model.layers[0]
+    assert (loaded.model.embed_tokens.bits, layer.mlp.up_proj.bits, layer.self_attn.q_proj.bits) == (8, 8, 4)
 
 
 @pytest.mark.peer
-def test_types_mx_load_cannot_read_are_dequantized(tmp_path, bpe):
-    """A Q5_0 tensor makes mx.load refuse the file: every tensor is dequantized, then
-    `quantize_bits` re-quantizes them all (bound: 8-bit rounding of every weight, ~0.07 seen)."""
+def test_mxfp4_layers_next_to_affine_ones(tmp_path, bpe):
+    """MXFP4 matrices load as mlx-lm's mxfp4 QuantizedLinear beside affine 4/8-bit ones."""
     import mlx_lm
 
     encode, tok = bpe
     model, config = _tiny_model("llama", len(tok["tokens"]), hidden_size=256, intermediate_size=256)
-    held = _write_gguf(tmp_path / "q5.gguf", "llama", config, model, tok, _mixed_types({"attn_output": "Q5_0"}))
+    held = _write_gguf(tmp_path / "fp4.gguf", "llama", config, model, tok,
+                       _mixed_types(dict(MIXED, ffn_up="MXFP4", ffn_gate="MXFP4", ffn_down="MXFP4")))
     model.load_weights([(k, mx.array(v)) for k, v in held.items()])
+    loaded, _, cfg = mlx_lm.load(str(convert_gguf(tmp_path / "fp4.gguf", tmp_path / "mlx")), return_config=True)
+    layer = loaded.model.layers[0]
+    assert (layer.mlp.up_proj.mode, layer.self_attn.q_proj.mode, layer.self_attn.v_proj.bits) == ("mxfp4", "affine", 8)
+    assert cfg["quantization"]["model.layers.0.self_attn.q_proj"]["mode"] == "affine"
     ids = encode(TEXTS[1])
-    with pytest.warns(UserWarning, match="dequantizing"):
-        plain = convert_gguf(tmp_path / "q5.gguf", tmp_path / "float")
-    loaded, _ = mlx_lm.load(str(plain))
-    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in loaded.named_modules())
     assert np.abs(_logits(loaded, ids) - _logits(model, ids)).max() <= 1e-2
-    with pytest.warns(UserWarning):
-        requant = convert_gguf(tmp_path / "q5.gguf", tmp_path / "q8", quantize_bits=8)
-    loaded, _ = mlx_lm.load(str(requant))
-    assert loaded.model.layers[0].self_attn.o_proj.bits == 8 and loaded.lm_head.bits == 8
-    assert np.abs(_logits(loaded, ids) - _logits(model, ids)).max() <= 0.15
+
+
+# One of every other block type (K-quants of 256 values need 256-wide rows).
+EVERY = {"token_embd": "Q5_K", "attn_q": "Q5_0", "attn_k": "Q5_1", "attn_v": "IQ4_NL",
+         "attn_output": "IQ4_XS", "ffn_gate": "Q2_K", "ffn_up": "Q3_K", "ffn_down": "Q6_K",
+         "output": "Q4_K"}
 
 
 @pytest.mark.peer
-def test_sentencepiece_vocab_tokenizes_like_sentencepiece(tmp_path):
+def test_every_block_type_in_one_file(tmp_path, bpe):
+    """Exact types keep their codes (5-bit Q5_*, 8-bit IQ4_*); Q2_K/Q3_K/Q6_K are re-quantized,
+    or kept float16 with keep_float. Logits are those of the float model holding gguf-py's
+    dequantized values (logits reach ~2.7): to float16 compute with keep_float (0.0018 seen),
+    plus the re-quantization of random 16-value sub-blocks, a hard case (0.042 seen)."""
     import mlx_lm
 
-    sp, tok = _spm_tokenizer(tmp_path)
+    encode, tok = bpe
+    model, config = _tiny_model("llama", len(tok["tokens"]), hidden_size=256, intermediate_size=256)
+    held = _write_gguf(tmp_path / "all.gguf", "llama", config, model, tok, _mixed_types(EVERY))
+    model.load_weights([(k, mx.array(v)) for k, v in held.items()])
+    ids = encode(TEXTS[1])
+    want = _logits(model, ids)
+    loaded, _ = mlx_lm.load(str(convert_gguf(tmp_path / "all.gguf", tmp_path / "mlx")))
+    a, m = loaded.model.layers[0].self_attn, loaded.model.layers[0].mlp
+    assert (loaded.model.embed_tokens.bits, a.q_proj.bits, a.k_proj.bits, a.v_proj.bits, a.o_proj.bits,
+            m.gate_proj.bits, m.up_proj.bits, m.down_proj.bits, loaded.lm_head.bits) == (5, 5, 5, 8, 8, 4, 5, 8, 4)
+    requantized = np.abs(_logits(loaded, ids) - want).max()
+    assert requantized <= 5e-2
+    loaded, _ = mlx_lm.load(str(convert_gguf(tmp_path / "all.gguf", tmp_path / "float", keep_float=True)))
+    m = loaded.model.layers[0].mlp
+    assert all(type(x) is nn.Linear and x.weight.dtype == mx.float16 for x in (m.gate_proj, m.up_proj, m.down_proj))
+    assert loaded.lm_head.bits == 4
+    assert np.abs(_logits(loaded, ids) - want).max() <= 5e-3
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("prefix", [True, False])
+def test_sentencepiece_vocab_tokenizes_like_sentencepiece(tmp_path, prefix):
+    import mlx_lm
+
+    sp, tok = _spm_tokenizer(tmp_path, prefix)
     model, config = _tiny_model("llama", len(tok["tokens"]))
     _write_gguf(tmp_path / "spm.gguf", "llama", config, model, tok)
     _, tokenizer = mlx_lm.load(str(convert_gguf(tmp_path / "spm.gguf", tmp_path / "mlx")))
@@ -428,3 +459,37 @@ def test_demo_model_matches_transformers_gguf_loader():
     got = _logits(model, ids)
     assert np.abs(got - want).max() <= 0.1
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_cli_convert_keep_float(tmp_path, bpe):
+    """`mlxlora convert --model x.gguf --keep-float`: Q6_K comes in as float16, not 8-bit groups."""
+    _, tok = bpe
+    model, config = _tiny_model("llama", len(tok["tokens"]), hidden_size=256, intermediate_size=256)
+    _write_gguf(tmp_path / "m.gguf", "llama", config, model, tok, _mixed_types())
+    for flag, want in (([], {"group_size": 32, "bits": 8}), (["--keep-float"], False)):
+        out = tmp_path / f"out{len(flag)}"
+        res = tiny.run_cli("convert", "--model", tmp_path / "m.gguf", "--out", out, *flag)
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "config.json").read_text())["quantization"]["lm_head"] == want
+    res = tiny.run_cli("convert", "--model", tmp_path / "out0", "--out", tmp_path / "x", "--keep-float")
+    tiny.one_line_error(res, "--keep-float", ".gguf")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.peer
+def test_train_qlora_on_a_k_quant_gguf(tmp_path, bpe, monkeypatch):
+    """`--model x.gguf` with every block type: LoRA wraps the 4/5/8-bit layers as they came in
+    and training lowers the validation loss."""
+    from mlxlora import LoraConfig, TrainConfig
+    from mlxlora.train import train
+
+    monkeypatch.setenv("MLXLORA_CACHE", str(tmp_path / "cache"))
+    _, tok = bpe
+    model, config = _tiny_model("llama", len(tok["tokens"]), hidden_size=256, intermediate_size=256)
+    _write_gguf(tmp_path / "all.gguf", "llama", config, model, tok, _mixed_types(EVERY))
+    rows = [{"prompt": f"Say {w}.", "completion": f"{w} {w} {w}!"} for w in ["apple", "river", "stone", "cloud"]]
+    data = tiny.write_data(tmp_path / "data", rows * 3, rows)
+    res = train(TrainConfig(model=str(tmp_path / "all.gguf"), data=str(data), adapter_path=str(tmp_path / "a"),
+                            iters=12, batch_size=4, lr=1e-2, val_every=12, seed=3,
+                            lora=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")))
+    assert res.val_loss < 0.95 * res.base_val_loss, (res.base_val_loss, res.val_loss)  # 5.86 -> 5.46 seen

@@ -1,5 +1,7 @@
 """Logits only at target rows: same loss and gradients as the full head, for every head kind."""
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -51,7 +53,7 @@ def test_rows_loss_and_grads_equal_full_head(arch, quantize, targets, tmp_path):
     x, y, m = _batch()
     rows = mx.array(target_rows(m))
     batch = [mx.array(a) for a in (x, y, m)]
-    vg = nn.value_and_grad(model, loss_sums)
+    vg = nn.value_and_grad(model, partial(loss_sums, chunk=0))  # the plain loss (test_chunked: the chunked one)
     (l_full, n_full), g_full = vg(model, *batch)
     (l_rows, n_rows), g_rows = vg(model, *batch, None, rows)
     assert n_rows.item() == n_full.item() == m.sum()
@@ -90,6 +92,7 @@ def test_packed_batch_with_rows_equals_full_head(tmp_path):
     x, y, m, seg = collate_packed(samples, packed, 8, 0)
     rows = target_rows(m)
     assert rows is not None
-    full = loss_sums(model, *(mx.array(a) for a in (x, y, m, seg)))
-    sel = loss_sums(model, *(mx.array(a) for a in (x, y, m, seg, rows)))
-    assert sel[1].item() == full[1].item() and sel[0].item() == pytest.approx(full[0].item(), rel=1e-5)
+    full = loss_sums(model, *(mx.array(a) for a in (x, y, m, seg)), chunk=0)
+    for chunk in (0, None):  # plain and chunked loss, head at loss rows only
+        sel = loss_sums(model, *(mx.array(a) for a in (x, y, m, seg, rows)), chunk=chunk)
+        assert sel[1].item() == full[1].item() and sel[0].item() == pytest.approx(full[0].item(), rel=1e-5)

@@ -243,7 +243,9 @@ def test_bad_mlx_lm_folders_are_clear_errors(dirs, tmp_path):
     expect(r"reads 'scale'.*not 'alpha'", dict(cfg, lora_parameters={"rank": 4, "alpha": 16}))
     q = "model.layers.1.self_attn.q_proj"
     expect(f"missing {q}.lora_b", new_tensors={f"{q}.lora_a": tensors[f"{q}.lora_a"]})
-    expect("SwitchLinear", new_tensors=dict(tensors, **{f"{q}.lora_a": mx.zeros((2, 64, 4))}))
+    expect("one is per expert \\(SwitchLinear\\)", new_tensors=dict(tensors, **{f"{q}.lora_a": mx.zeros((2, 4, 64))}))
+    expect(r"q_proj.lora_a is \(2, 64, 4\), the model needs \(64, 4\)",  # per-expert pairs on a dense layer
+           new_tensors=dict(tensors, **{f"{q}.lora_a": mx.zeros((2, 4, 64)), f"{q}.lora_b": mx.zeros((2, 64, 4))}))
     expect("no lora_a/lora_b/m tensor", new_tensors=dict(tensors, **{f"{q}.weight": mx.zeros((64, 64))}))
     # a base it does not fit: every problem listed, the model left unwrapped
     mx.save_safetensors(str(weights), tensors)

@@ -46,6 +46,20 @@ ARCHS = {
                  max_position_embeddings=512, original_max_position_embeddings=512),
 }
 
+# Tiny mixture-of-experts configs (4 experts, 2 per token), kept apart from ARCHS so that the shared
+# session fixture stays as it was; make_model takes either.
+MOE_ARCHS = {
+    "qwen3_moe": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=64,
+                      num_hidden_layers=2, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+                      num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                      rope_theta=1000000.0, tie_word_embeddings=False, max_position_embeddings=512),
+    "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], hidden_size=64,
+                    num_hidden_layers=2, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=1000000.0,
+                    tie_word_embeddings=False, max_position_embeddings=512),
+}
+
 
 def write_data(folder: Path, train: list[dict], valid: list[dict] | None = None) -> Path:
     """A data folder as `--data` reads it: train.jsonl (and valid.jsonl), one JSON row per line."""
@@ -85,7 +99,7 @@ def make_model(path: Path, arch: str = "llama", quantize: int | None = None, see
     """Write a tiny random model of `arch` (float32, or quantized to `quantize` bits) with tokenizer."""
     from mlx_lm.utils import _get_classes
 
-    config = dict(ARCHS[arch], vocab_size=VOCAB_SIZE, torch_dtype="float32",
+    config = dict({**ARCHS, **MOE_ARCHS}[arch], vocab_size=VOCAB_SIZE, torch_dtype="float32",
                   eos_token_id=SPECIALS.index("<|im_end|>"), bos_token_id=None, pad_token_id=0)
     config.update(overrides)
     model_cls, args_cls = _get_classes(config)

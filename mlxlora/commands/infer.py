@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..config import EvalConfig, GenerateConfig
+from ..config import EvalConfig, GenerateConfig, GenerativeEvalConfig
+from .evaluate import evaluate_options, perplexity_only, run_evaluation
 from .options import IGNORE_BASE, QUANTIZE, default, load, model_options, parse_adapter_specs, quantize_bits
 
 
@@ -35,19 +36,31 @@ def generate(model, adapter, quantize, ignore_base_mismatch, prompt, **opts):
 @click.option("--adapter", "adapters", multiple=True, metavar="[NAME=]DIR",
               help="Adapter folder; repeat (or write NAME=DIR) to compare several against the base in one table.")
 @click.option("--quantize", type=QUANTIZE, help="Quantize the base at load time.")
-@click.option("--data", required=True, help="Data folder or a .jsonl file.")
+@click.option("--data", help="Data folder or a .jsonl file (not needed with --tasks).")
 @click.option("--split", type=click.Choice(["train", "valid", "test"]), help=default(EvalConfig, "split"))
-@click.option("--batch-size", type=int, help=default(EvalConfig, "batch_size"))
+@click.option("--batch-size", type=int, help=f"Rows per batch. {default(EvalConfig, 'batch_size')} "
+                                           f"(--generate: {default(GenerativeEvalConfig, 'batch_size')[1:-1]})")
 @click.option("--max-seq-length", type=int, help=default(EvalConfig, "max_seq_length"))
 @IGNORE_BASE
-def eval_cmd(model, adapters, quantize, data, ignore_base_mismatch, **opts):
+@evaluate_options
+def eval_cmd(model, adapters, quantize, data, ignore_base_mismatch, generate, tasks, **opts):
     """Print loss and perplexity on a data split; with several adapters, a table against the base.
+    --generate: answers of the base and each adapter scored against the references (eval_report.json/.html).
+    --tasks: lm-evaluation-harness benchmarks on the base and each unfused adapter.
 
     Example: mlxlora eval --model ./smollm2 --adapter adapters --data examples/devil
 
     Example: mlxlora eval --model ./smollm2 --adapter devil=runs/devil --adapter poet=runs/poet --data examples/devil
+
+    Example: mlxlora eval --generate --model ./smollm2 --adapter devil=runs/devil --data examples/devil --out report
+
+    Example: mlxlora eval --tasks arc_easy --limit 100 --model ./smollm2 --adapter devil=runs/devil
     """
     from ..config import given
+
+    if generate or tasks:
+        return run_evaluation(model, adapters, quantize, data, generate, tasks, opts)
+    perplexity_only(opts, data)
 
     cfg = EvalConfig(**given(**opts))
     table = len(adapters) > 1 or any("=" in a for a in adapters)

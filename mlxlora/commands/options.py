@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ..config import BITS, DTYPE_NAMES, GROUP_SIZES, LoraConfig, TrainConfig
+from ..config import BITS, DTYPE_NAMES, GROUP_SIZES, LoraConfig, PreferenceConfig, TrainConfig
 from ..errors import ConfigError
 
 QUANTIZE = click.Choice([str(b) for b in BITS])
@@ -26,6 +26,8 @@ def default(cls, name: str) -> str:
     """"[default: X]" for field `name` of dataclass `cls` (a LoRA flag name is looked up in LoraConfig)."""
     if cls is TrainConfig and name in _LORA_FIELDS:
         cls, name = LoraConfig, _LORA_FIELDS[name]
+    elif cls is TrainConfig and name in {f.name for f in dataclasses.fields(PreferenceConfig)}:
+        cls = PreferenceConfig
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     if isinstance(value, list):

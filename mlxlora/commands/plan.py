@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import TrainConfig
+from ..config import METHODS, TrainConfig
 from .options import DTYPE, GROUP_SIZE, QUANTIZE, default
 
 
@@ -23,11 +23,16 @@ from .options import DTYPE, GROUP_SIZE, QUANTIZE, default
 @click.option("--grad-accum", type=int, help=f"Micro-batches per optimizer step. {default(TrainConfig, 'grad_accum')}")
 @click.option("--max-seq-length", type=int, help=f"Every sample is counted at this length. {default(TrainConfig, 'max_seq_length')}")
 @click.option("--grad-checkpoint", is_flag=True, default=None, help="Recompute block activations (less memory).")
+@click.option("--method", type=click.Choice(list(METHODS)),
+              help=f"Training objective; dpo/orpo/simpo/kto count both sequences of an item and the reference. "
+              f"{default(TrainConfig, 'method')}")
 @click.option("--dtype", type=DTYPE,
               help="Compute dtype. [default: float32 on CPU, the checkpoint's on a GPU]")
 @click.option("--backend", type=click.Choice(["cpu", "gpu"]), help="Plan for this mlx backend. [default: this machine's]")
 @click.option("--memory-gb", type=float, help="Memory budget in GiB. [default: this machine's]")
-@click.option("--fit", "fit", is_flag=True, help="Also find the largest batch size that fits.")
+@click.option("--fit", "fit", is_flag=True,
+              help="Also find the largest batch size that fits, whether it needs --grad-checkpoint and, "
+                   "when not even a batch of 1 fits, the longest --max-seq-length that does.")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
 def plan(config_file, backend, memory_gb, fit, as_json, **flags):
     """Predict parameters, adapter size and peak memory of a training run (no weights are loaded).
@@ -54,7 +59,8 @@ def plan(config_file, backend, memory_gb, fit, as_json, **flags):
     backend = backend or default_backend()
     kw = dict(quantize=cfg.quantize, group_size=cfg.q_group_size, max_seq_length=cfg.max_seq_length,
               compute_dtype=cfg.dtype or ("float32" if backend == "cpu" else None), grad_accum=cfg.grad_accum,
-              backend=backend, memory_bytes=int(memory_gb * 2**30) if memory_gb else None)
+              backend=backend, memory_bytes=int(memory_gb * 2**30) if memory_gb else None,
+              method=cfg.preference.method)
     result = plan_training(cfg.model, cfg.lora, batch_size=cfg.batch_size, grad_checkpoint=cfg.grad_checkpoint,
                            **kw)
     suggestion = suggest_fit(cfg.model, cfg.lora, **kw) if fit else None
@@ -62,22 +68,25 @@ def plan(config_file, backend, memory_gb, fit, as_json, **flags):
         out = asdict(result)
         if suggestion is not None:
             out["fit"] = {"batch_size": suggestion.batch_size, "grad_checkpoint": suggestion.grad_checkpoint,
-                          "peak_bytes": suggestion.plan.peak_bytes}
+                          "max_seq_length": suggestion.max_seq_length, "peak_bytes": suggestion.plan.peak_bytes}
         click.echo(json.dumps(out, indent=2))
         return
     click.echo(format_plan(result))
     if suggestion is not None:
-        click.echo(fit_line(suggestion, cfg.batch_size))
+        click.echo(fit_line(suggestion, cfg.batch_size, cfg.max_seq_length))
 
 
-def fit_line(fit, wanted: int) -> str:
+def fit_line(fit, wanted: int, length: int | None = None) -> str:
     """One line saying what batch size fits and what to pass."""
     from ..plan import human
+    from ..plan.budget import MIN_FIT_LENGTH
 
     if fit.batch_size == 0:
-        return ("fit: not even a batch of 1 fits with --grad-checkpoint; use a smaller --max-seq-length, "
-                "--quantize or fewer targets")
+        return (f"fit: not even a batch of 1 x {MIN_FIT_LENGTH} tokens fits with --grad-checkpoint; use --quantize "
+                "or fewer targets")
     flags = f"--batch-size {fit.batch_size}" + (" --grad-checkpoint" if fit.grad_checkpoint else "")
+    if length is not None and fit.max_seq_length < length:
+        flags += f" --max-seq-length {fit.max_seq_length}"
     line = f"fit: {flags} (predicted peak {human(fit.plan.peak_bytes)})"
     if fit.batch_size < wanted:
         accum = -(-wanted // fit.batch_size)

@@ -15,6 +15,7 @@ BITS = (2, 3, 4, 5, 6, 8)  # quantization widths MLX's affine mode has
 GROUP_SIZES = (32, 64, 128)  # group sizes MLX's affine quantization supports
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # float dtypes for compute and for written weights
 SCHEDULES = ("cosine", "linear", "constant")
+TRACKERS = ("wandb", "mlflow", "tensorboard", "trackio")  # train --report-to (mlxlora/train/trackers.py)
 FUSE_STRATEGIES = ("naive", "grid", "gptq", "refit")  # fuse.requant.STRATEGIES, in this order
 # GGUF tensor types `export-model --format gguf` writes: gguf-py writes the first five itself,
 # llama.cpp's llama-quantize the K-quants (models.export_gguf.K_QUANTS).

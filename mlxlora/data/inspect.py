@@ -22,12 +22,35 @@ def inspect_split(split: Split, tokenizer, n: int = 3) -> str:
              "tokens are separated by '|'; tokens inside [ ] get no loss"]
     for k, sample in enumerate(split.samples[:n]):
         lines.append(f"--- sample {k}: {len(sample.ids)} tokens, {sum(sample.mask)} with loss")
-        runs = []
-        for target, group in groupby(zip(sample.ids, sample.mask), key=lambda t: t[1]):
-            text = "|".join(_piece(info, tid) for tid, _ in group)
-            runs.append(text if target else f"[{text}]")
-        lines.append("".join(runs))
+        lines.append(_marked(info, sample))
     return "\n".join(lines)
+
+
+def inspect_preference(split, tokenizer, n: int = 3) -> str:
+    """inspect_split for a PreferenceSplit: both samples of the first n items (chosen and rejected, or a
+    KTO completion with its label and the KL completion), tokens inside [ ] getting no loss."""
+    info = TokenizerInfo.from_tokenizer(tokenizer)
+    st = split.stats
+    kto = split.labels is not None
+    lines = [f"{st.path}: {st.rows} rows -> {st.samples} {'KTO rows' if kto else 'pairs'}, {st.tokens} tokens, "
+             f"{st.target_tokens} with loss; {st.truncated} truncated, {st.dropped} dropped",
+             "tokens are separated by '|'; tokens inside [ ] get no loss"]
+    names = ("completion", "KL completion (another row's completion)") if kto else ("chosen", "rejected")
+    for k, item in enumerate(split.items[:n]):
+        label = f" (label {str(split.labels[k]).lower()})" if kto else ""
+        lines.append(f"=== {'row' if kto else 'pair'} {k}{label}")
+        for name, sample in zip(names, item):
+            lines.append(f"--- {name}: {len(sample.ids)} tokens, {sum(sample.mask)} with loss")
+            lines.append(_marked(info, sample))
+    return "\n".join(lines)
+
+
+def _marked(info: TokenizerInfo, sample) -> str:
+    runs = []
+    for target, group in groupby(zip(sample.ids, sample.mask), key=lambda t: t[1]):
+        text = "|".join(_piece(info, tid) for tid, _ in group)
+        runs.append(text if target else f"[{text}]")
+    return "".join(runs)
 
 
 def _piece(info: TokenizerInfo, tid: int) -> str:

@@ -143,7 +143,7 @@ def load_split(path: str | Path, tokenizer, max_seq_length: int) -> Split:
     samples: list[Sample] = []
     rows = truncated = dropped = dropped_long = 0
     first: tuple[str, int] | None = None  # (format, line) of the first row
-    for lineno, row in _read_rows(path):
+    for lineno, row in read_rows(path):
         rows += 1
         try:
             fmt = row_format(row)
@@ -186,6 +186,11 @@ def tokenizer_template(info: TokenizerInfo) -> str | None:
     if isinstance(t, dict):
         t = t.get("default") or next(iter(t.values()), None)
     return t if isinstance(t, str) else None
+
+
+def read_rows(path: str | Path):
+    """(line number, parsed JSON value) for each non-blank line of a JSONL file; DataError naming file:line."""
+    yield from _read_rows(Path(path))
 
 
 def _read_rows(path: Path):
@@ -231,7 +236,19 @@ def row_format(row) -> str:
                    f"accepted rows: {ACCEPTED}")
 
 
-def _encode_row(row: dict, fmt: str, info: TokenizerInfo) -> tuple[list[int], list[bool]]:
+def encode_row(row: dict, info: TokenizerInfo, skip_assistant: int = 0) -> tuple[list[int], list[bool]]:
+    """One row (any format of ACCEPTED) as SFT tokenizes it: (ids, mask), mask[0] False, not truncated.
+
+    skip_assistant: the first N assistant turns of a chat row get no loss (a preference prompt's own
+    turns). Raises RowError.
+    """
+    ids, mask = _encode_row(row, row_format(row), info, skip_assistant)
+    if mask:
+        mask[0] = False
+    return ids, mask
+
+
+def _encode_row(row: dict, fmt: str, info: TokenizerInfo, skip: int = 0) -> tuple[list[int], list[bool]]:
     if fmt == "text":
         text = _string(row, "text")
         ids, mask = encode_targets(info, text, [(0, len(text))])
@@ -247,7 +264,7 @@ def _encode_row(row: dict, fmt: str, info: TokenizerInfo) -> tuple[list[int], li
     else:
         messages = _messages(row)
     text, spans = chat_targets(info, messages, tools)
-    return _add_bos(info, *encode_targets(info, text, spans))
+    return _add_bos(info, *encode_targets(info, text, spans[skip:]))
 
 
 def _add_eos(info: TokenizerInfo, ids: list[int], mask: list[bool]):
@@ -270,6 +287,11 @@ def _string(row: dict, key: str) -> str:
     if not isinstance(value, str):
         raise RowError(f"{key!r} must be a string, got {_json_type(value)}")
     return value
+
+
+def check_messages(row: dict) -> list[dict]:
+    """A chat row's messages, checked as training checks them; RowError (no file/line) when malformed."""
+    return _messages(row)
 
 
 def _messages(row: dict) -> list[dict]:

@@ -112,6 +112,10 @@ def write(src: AdapterRecord, out_file, info: BaseInfo, force: bool = False, dty
     if src.config.use_dora:
         raise AdapterError(f"{src.path}: llama.cpp has no DoRA; fuse the adapter into the model instead "
                            "(mlxlora fuse) and convert that")
+    experts = [p for p in src.module_paths if src.layers[p].experts]
+    if experts:
+        raise AdapterError(f"{src.path}: {experts[0]} adapts MoE experts, which this GGUF LoRA export does not write; "
+                           "fuse the adapter into the model instead (mlxlora fuse) and convert that")
     paths = src.module_paths
     names = get_tensor_name_map({v: k for k, v in MODEL_ARCH_NAMES.items()}[info.arch],
                                 1 + max((int(t) for p in paths for t in p.split(".") if t.isdigit()), default=0))

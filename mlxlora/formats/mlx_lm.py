@@ -3,11 +3,12 @@
 mlx-lm (mlx_lm.lora trains, mlx_lm.tuner.utils.load_adapters loads) keeps:
     adapter_config.json   fine_tune_type "lora" | "dora" | "full", num_layers (the last N blocks, -1 all),
                           lora_parameters {rank, scale, dropout, keys}
-    adapters.safetensors  <module path>.lora_a (in, r), .lora_b (r, out), DoRA .m (out,)
+    adapters.safetensors  <module path>.lora_a (in, r), .lora_b (r, out), DoRA .m (out,);
+                          MoE experts (LoRASwitchLinear): .lora_a (E, r, in), .lora_b (E, out, r)
 `keys` are module paths relative to a block ("self_attn.q_proj"), adapted in the last `num_layers`
 blocks, or full module paths ("model.embed_tokens", "lm_head", "model.layers.0.mlp.down_proj"),
-adapted wherever they are. Tensor names and layouts are ours already, so only the config is
-translated. mlx-lm's `scale` is the multiplier itself: ours is r and lora_alpha = scale * r.
+adapted wherever they are. Tensor names and layouts are ours already except the experts' (ours:
+lora_a (E, in, r), lora_b (E, r, out): the last two axes swap), so mostly the config is translated. mlx-lm's `scale` is the multiplier itself: ours is r and lora_alpha = scale * r.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def import_mlx_lm(folder) -> tuple[LoraConfig, dict[str, mx.array]]:
         raise AdapterError(f"{where}: lora_parameters.scale is missing{hint}")
     tensors = read_safetensors(d / WEIGHTS_FILE)
     ranks = _check_tensors(tensors, d / WEIGHTS_FILE)
+    tensors = {k: mx.contiguous(v.swapaxes(-1, -2)) if v.ndim == 3 else v for k, v in tensors.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     if "rank" in params and params["rank"] != r and not any(k == params["rank"] for k in ranks.values()):
         raise AdapterError(f"{where}: lora_parameters.rank is {params['rank']!r} but the tensors in {WEIGHTS_FILE} "
@@ -99,16 +101,20 @@ def _check_tensors(tensors: dict, where: Path) -> dict[str, int]:
         path, _, kind = name.rpartition(".")
         if kind not in TENSORS:
             problems.append(f"{name} is no lora_a/lora_b/m tensor")
-        elif kind != "m" and value.ndim != 2:
-            problems.append(f"{name} is {tuple(value.shape)}: per-expert (SwitchLinear) adapters are not supported")
+        elif kind != "m" and value.ndim not in (2, 3):
+            problems.append(f"{name} is {tuple(value.shape)}: expected (in, r) / (r, out), or per expert (E, r, in) / (E, out, r)")
         else:
             paths.setdefault(path, set()).add(kind)
     for path, kinds in paths.items():
         problems += [f"missing {path}.{k}" for k in ("lora_a", "lora_b") if k not in kinds]
     if not problems:
+        # lora_a (in, r) or (E, r, in): the rank is axis 1 either way; lora_b (r, out) or (E, out, r)
         ranks = {p: tensors[f"{p}.lora_a"].shape[1] for p in paths}
-        problems = [f"{p}.lora_b is {tuple(tensors[f'{p}.lora_b'].shape)}, rank {k} from lora_a"
-                    for p, k in ranks.items() if tensors[f"{p}.lora_b"].shape[0] != k]
+        a_b = {p: (tensors[f"{p}.lora_a"], tensors[f"{p}.lora_b"]) for p in paths}
+        problems = [f"{p}.lora_a is {tuple(a.shape)} but lora_b {tuple(b.shape)}: one is per expert (SwitchLinear), "
+                    "the other not" for p, (a, b) in a_b.items() if a.ndim != b.ndim]
+        problems += [f"{p}.lora_b is {tuple(b.shape)}, rank {ranks[p]} from lora_a" for p, (a, b) in a_b.items()
+                     if a.ndim == b.ndim and b.shape[0 if b.ndim == 2 else 2] != ranks[p]]
     if problems:
         raise AdapterError(f"{where}: {len(problems)} problem(s): " + "; ".join(problems))
     if not paths:
@@ -169,8 +175,10 @@ def write(record: AdapterRecord, folder: Path) -> None:
         a, b = lora.lora_a, lora.lora_b_for(scale)
         pad = rank - lora.rank
         if pad:  # zero columns of A meet zero rows of B: the product is unchanged
-            a = mx.concatenate([a, mx.zeros((a.shape[0], pad), a.dtype)], axis=1)
-            b = mx.concatenate([b, mx.zeros((pad, b.shape[1]), b.dtype)], axis=0)
+            a = mx.concatenate([a, mx.zeros((*a.shape[:-1], pad), a.dtype)], axis=-1)
+            b = mx.concatenate([b, mx.zeros((*b.shape[:-2], pad, b.shape[-1]), b.dtype)], axis=-2)
+        if lora.experts:  # mlx-lm's LoRASwitchLinear: lora_a (E, r, in), lora_b (E, out, r)
+            a, b = a.swapaxes(-1, -2), b.swapaxes(-1, -2)
         tensors[f"{p}.lora_a"], tensors[f"{p}.lora_b"] = a, b
         if lora.m is not None:
             tensors[f"{p}.m"] = lora.m

@@ -6,6 +6,7 @@ Tensor names (saved files carry no adapter-name infix):
           <path>.lora_b (r, out)           base_model.model.<hf path>.lora_B.weight (out, r)
           <path>.m      (out,)             base_model.model.<hf path>.lora_magnitude_vector (out,)
     embedding: lora_a (num, r) -> lora_embedding_A (r, num); lora_b (r, dims) -> lora_embedding_B (dims, r)
+    MoE experts: PEFT's target_parameters on transformers' fused expert parameters (formats/experts.py)
 
 Only transposes and renames happen here, so a round trip is bit-exact.
 """
@@ -22,6 +23,7 @@ import mlx.core as mx
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import AdapterError, ConfigError
 from ..files import read_json, read_safetensors
+from . import experts
 from .names import EMBEDDING_NAMES, hf_to_mlx, mlx_to_hf, renames
 from .record import AdapterRecord
 
@@ -159,7 +161,6 @@ def _number(x: float):
 _UNSUPPORTED: dict[str, tuple] = {
     "fan_in_fan_out": (False, None),
     "lora_bias": (False, None),
-    "target_parameters": (None, [], ()),
     "alora_invocation_tokens": (None, [], ()),
     "use_qalora": (False, None),
     "layer_replication": (None, []),
@@ -175,7 +176,7 @@ _IGNORED = {"peft_type", "task_type", "base_model_name_or_path", "revision", "in
             "corda_config", "lora_ga_config", "velora_config", "monteclora_config", "arrow_config",
             "kasa_config", "ensure_weight_tying", "init_lora_weights", "layers_pattern"}
 _FIELDS = {"r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform", "rank_pattern",
-           "alpha_pattern", "use_rslora", "use_dora", "bias"}
+           "alpha_pattern", "use_rslora", "use_dora", "bias", "target_parameters"}
 # init_lora_weights values that also rewrite the base weights (the adapter alone is not the whole change)
 _BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "eva", "lora_ga", "mica")
 
@@ -207,7 +208,9 @@ def lora_config_from_peft(d: dict[str, Any], model_type: str | None = None) -> L
     target_parameters, PiSSA/LoftQ/... init, aLoRA, DoRA on embeddings, modules_to_save, ...).
     """
     _check_peft_fields(d)
-    targets = d.get("target_modules")
+    targets, params = d.get("target_modules"), list(d.get("target_parameters") or [])
+    if targets is None and params:
+        targets = []
     if targets is None:
         raise AdapterError("target_modules: missing; mlxlora needs the adapted module names")
     if isinstance(targets, str):
@@ -218,11 +221,22 @@ def lora_config_from_peft(d: dict[str, Any], model_type: str | None = None) -> L
     if d.get("use_dora") and not isinstance(targets, str) and any(t.split(".")[-1] in EMBEDDING_NAMES for t in targets):
         raise AdapterError("use_dora: DoRA on an embedding layer is not supported by mlxlora")
     layers = d.get("layers_to_transform")
+    rank_pattern = {hf_to_mlx(k, model_type): v for k, v in (d.get("rank_pattern") or {}).items()}
+    alpha_pattern = {hf_to_mlx(k, model_type): v for k, v in (d.get("alpha_pattern") or {}).items()}
+    if params:
+        if isinstance(targets, str):
+            raise AdapterError(f"target_modules: {targets!r} with target_parameters is not supported; list the modules")
+        mt = experts.model_type_of_peft(d, model_type)
+        mine = {p: experts.mlx_paths(p, mt) for p in params}
+        targets = sorted(set(targets) | {q for paths in mine.values() for q in paths})
+        # Each expert parameter's own rank/alpha, as PEFT resolves it, first (PEFT's first match wins).
+        exact = {"|".join(re.escape(q) for q in paths): experts.peft_rank_alpha(d, p) for p, paths in mine.items()}
+        rank_pattern = {**{k: r for k, (r, _) in exact.items()}, **rank_pattern}
+        alpha_pattern = {**{k: a for k, (_, a) in exact.items()}, **alpha_pattern}
     kwargs = dict(
         r=d.get("r", 8), lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0),
         target_modules=targets, layers_to_transform=None if layers in (None, []) else layers,
-        rank_pattern={hf_to_mlx(k, model_type): v for k, v in (d.get("rank_pattern") or {}).items()},
-        alpha_pattern={hf_to_mlx(k, model_type): v for k, v in (d.get("alpha_pattern") or {}).items()},
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
         use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)),
         bias=d.get("bias", "none"))
     try:
@@ -251,7 +265,16 @@ def read(folder: Path, *, config: LoraConfig | None = None, model_type: str | No
             raise AdapterError(f"{folder / CONFIG_FILE}: {e}") from None
     weights = folder / WEIGHTS_FILE
     raw = read_safetensors(weights)
+    expert_tensors = {}
+    if peft_cfg.get("target_parameters"):
+        try:
+            expert_tensors, used = experts.from_peft(raw, peft_cfg, config, experts.model_type_of_peft(peft_cfg, model_type),
+                                                     PEFT_PREFIX)
+        except AdapterError as e:
+            raise AdapterError(f"{weights}: {e}") from None
+        raw = {k: v for k, v in raw.items() if k not in set(used)}
     tensors, leftover = from_peft_state(raw, model_type)
+    tensors.update(expert_tensors)
     embeddings = {hf_to_mlx(k.split(".lora_embedding_")[0].removeprefix(PEFT_PREFIX), model_type)
                   for k in raw if ".lora_embedding_" in k}
     tied = _drop_tied_head_copies(tensors, embeddings)
@@ -260,7 +283,8 @@ def read(folder: Path, *, config: LoraConfig | None = None, model_type: str | No
     if bad:
         raise AdapterError(f"{weights}: tensors that are no LoRA tensor of this adapter: {', '.join(sorted(bad))}")
     return AdapterRecord.from_tensors(
-        config, tensors, embeddings, format=fmt, path=folder, weights=weights, model_type=model_type,
+        config, tensors, embeddings, format=fmt, path=folder, weights=weights,
+        model_type=experts.model_type_of_peft(peft_cfg, model_type) if expert_tensors else model_type,
         base_model=peft_cfg.get("base_model_name_or_path"), source_config=peft_cfg,
         tied_head=tied or bool(peft_cfg.get("ensure_weight_tying")) or None)
 
@@ -297,14 +321,24 @@ def write(record: AdapterRecord, folder: Path) -> None:
     matches exactly). A tied head with an adapted embedding is written as PEFT's ensure_weight_tying does.
     """
     model_type = record.model_type
-    hf_paths = [mlx_to_hf(p, model_type) for p in record.module_paths]
+    moe = [p for p in record.module_paths if record.layers[p].experts]
+    dense = [p for p in record.module_paths if not record.layers[p].experts]
+    hf_paths = [mlx_to_hf(p, model_type) for p in dense]
     tied = bool(record.embeddings) and bool(record.tied_head)
     cfg = peft_config_dict(record.config, record.base_model, record.peft_targets or sorted(hf_paths),
                            model_type=model_type, num_blocks=record.num_blocks,
                            layers_pattern=layers_pattern_of(hf_paths), tie_embedding_adapters=tied)
-    tensors = to_peft_state(record.tensors(), model_type, record.embeddings, "lm_head" if tied else None)
+    tensors = to_peft_state({k: v for k, v in record.tensors().items() if k.rpartition(".")[0] not in moe},
+                            model_type, record.embeddings, "lm_head" if tied else None)
+    if moe:  # PEFT's target_parameters, with each parameter's rank and alpha spelled out first
+        found, params, ranks, alphas = experts.to_peft(record, moe)
+        tensors.update({PEFT_PREFIX + k: v for k, v in found.items()})
+        cfg["target_parameters"] = params
+        cfg["rank_pattern"] = {**{k: r for k, r in ranks.items()}, **cfg["rank_pattern"]}
+        cfg["alpha_pattern"] = {**{k: _number(a) for k, a in alphas.items()}, **cfg["alpha_pattern"]}
     mx.save_safetensors(str(folder / WEIGHTS_FILE), tensors, metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    # Top-level keys sorted; patterns keep their order (PEFT applies the first key that matches).
+    (folder / CONFIG_FILE).write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
 
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "PICKLE_WEIGHTS", "accepts", "read", "write", "PEFT_PREFIX", "TENSOR_TABLE", "peft_key", "to_peft_state", "from_peft_state", "peft_config_dict",

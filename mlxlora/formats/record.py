@@ -3,7 +3,8 @@
 Every format reads into a record and writes from one; the model side (mlxlora.adapters) attaches a
 record to a base model and takes one back. Tensors use one canonical naming and orientation, mlx-lm's:
 per module path (`model.layers.0.self_attn.q_proj`), `lora_a` (in, r), `lora_b` (r, out), DoRA's
-magnitude `m` (out,); an embedding's `lora_a` is (num_embeddings, r) and `lora_b` (r, dims).
+magnitude `m` (out,); an embedding's `lora_a` is (num_embeddings, r) and `lora_b` (r, dims); MoE experts
+(a SwitchLinear) have one pair per expert, `lora_a` (E, in, r) and `lora_b` (E, r, out).
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ class LayerLoRA:
 
     @property
     def rank(self) -> int:
-        return self.lora_a.shape[1]
+        return self.lora_a.shape[-1]
+
+    @property
+    def experts(self) -> bool:
+        """The layer is a SwitchLinear: lora_a (E, in, r), lora_b (E, r, out), one pair per expert."""
+        return self.lora_a.ndim == 3
 
     def lora_b_for(self, scale: float) -> mx.array:
         """lora_b rescaled so that `scale * lora_a @ result` is this layer's update (formats with one scale

@@ -22,8 +22,10 @@ from ..config import FuseConfig, given
 from ..errors import AdapterError, ConfigError
 from ..lora.layers import LoRAEmbedding, base_of
 from ..lora.quant import QUANTIZED_TYPES, use_fast_cpu_path, weight_shape
+from ..lora.switch import QuantizedSwitchLinear
 from ..lora.surgery import adapter_layers
 from ..models.fingerprint import describe_base
+from . import experts as X
 from . import requant as R
 from .calibration import collect_hessians, pick_samples, random_rows
 from .heldout import adapter_record, fraction_kept, heldout_loss, losses_before, split_for
@@ -45,6 +47,8 @@ def resolve_strategy(strategy: str, has_calibration: bool) -> str:
 def _fuse_layer(layer, h, bits: int | None, group_size: int | None, strategy: str, damp: float, dtypes: dict,
                 path: str):
     """(fused plain layer, the base's float weight, the exact fused float weight, strategy used)."""
+    if X.is_switch(layer):  # MoE experts: the same strategies, one expert at a time
+        return X.fuse_switch(layer, bits, group_size, strategy, damp, dtypes, path)
     base = base_of(layer)
     w0 = R.float_weight_np(base)
     dense = layer.fuse(dequantize=True)  # exact: W + scale * B @ A (DoRA: rescaled by m / ||.||)
@@ -70,7 +74,7 @@ def _fuse_all(layers, fit: dict, check: dict, opts: FuseConfig, strategy: str, d
     for path, layer in layers:
         fused, w0, wf, used = _fuse_layer(layer, fit.get(path), opts.bits, opts.group_size, strategy, opts.damp,
                                           dtypes, path)
-        wk = R.float_weight_np(fused)
+        wk = X.weight_np(fused) if X.is_switch(layer) else R.float_weight_np(fused)
         rows.append({"path": path, "kind": layer_kind(layer), "strategy": used, **quant_info(fused),
                      **delta_stats(w0, wf, wk, check.get(path))})
         new.append((path, fused))
@@ -124,9 +128,10 @@ def _naive_bytes(model, layers, opts: FuseConfig, dtypes: dict) -> int | None:
             total += v.size * (dtypes.get(name, default or v.dtype) if floating else v.dtype).size
     for path, layer in layers:
         base = base_of(layer)
-        if isinstance(base, QUANTIZED_TYPES):
+        if isinstance(base, QUANTIZED_TYPES + (QuantizedSwitchLinear,)):
             bits, gs = opts.bits or base.bits, opts.group_size or base.group_size
-            out_dims, in_dims = weight_shape(base)
+            out_dims, in_dims = weight_shape(base) if not X.is_switch(layer) else (
+                base.num_experts * base.output_dims, base.input_dims)
             item = dtypes.get(f"{path}.scales", base.scales.dtype).size
             total += out_dims * in_dims * bits // 8 + 2 * out_dims * (in_dims // gs) * item
     return total
@@ -191,7 +196,7 @@ def _attach(base, adapter, opts: FuseConfig):
         load_adapter(model, adapter, base_info=info, ignore_base_mismatch=opts.ignore_base_mismatch)
         record = adapter_record(Path(adapter))
     layers = _adapter_layers(model)
-    if opts.bits and not any(isinstance(base_of(m), QUANTIZED_TYPES) for _, m in layers):
+    if opts.bits and not any(isinstance(base_of(m), QUANTIZED_TYPES + (QuantizedSwitchLinear,)) for _, m in layers):
         raise ConfigError(f"--bits {opts.bits}: the base is not quantized, so the fuse is exact in float; "
                           "drop --bits (quantize the fused folder afterwards with mlx_lm.convert -q if you want)")
     return model, layers, record
@@ -199,7 +204,7 @@ def _attach(base, adapter, opts: FuseConfig):
 
 def _requantizes(layers, opts: FuseConfig) -> bool:
     """True when some touched layer is quantized and stays quantized (so rounding decides what is kept)."""
-    return opts.bits != 0 and any(isinstance(base_of(m), QUANTIZED_TYPES) for _, m in layers)
+    return opts.bits != 0 and any(isinstance(base_of(m), QUANTIZED_TYPES + (QuantizedSwitchLinear,)) for _, m in layers)
 
 
 def _install(model, new, opts: FuseConfig, dtypes: dict) -> None:
@@ -222,7 +227,7 @@ def _calibrate(model, layers, calibration, record, valid, tokenizer, msl, opts, 
     metrics use the calibration H itself (in-sample, so optimistic) and a note says so.
     """
     split = None if calibration == "random" else split_for(calibration, record, "train", tokenizer, msl, notes)
-    linear = [p for p, m in layers if not isinstance(m, LoRAEmbedding)]
+    linear = [p for p, m in layers if not isinstance(m, LoRAEmbedding) and not X.is_switch(m)]
     if split is not None:
         samples = pick_samples(split, opts.calibration_samples)
         source = split.stats.path

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..lora.layers import DoRALinear, LoRAEmbedding
 from ..lora.quant import QUANTIZED_TYPES
+from ..lora.switch import LoRASwitchLinear, QuantizedSwitchLinear
 
 REPORT_FILE = "fuse_report.json"
 
@@ -47,11 +48,13 @@ def _cos(ab: float, aa: float, bb: float) -> float:
 
 
 def layer_kind(layer) -> str:
+    if isinstance(layer, LoRASwitchLinear):
+        return "experts"
     return "embedding" if isinstance(layer, LoRAEmbedding) else "dora" if isinstance(layer, DoRALinear) else "lora"
 
 
 def quant_info(layer) -> dict:
-    if isinstance(layer, QUANTIZED_TYPES):
+    if isinstance(layer, QUANTIZED_TYPES + (QuantizedSwitchLinear,)):
         return {"bits": layer.bits, "group_size": layer.group_size}
     return {"bits": None, "group_size": None}
 

@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..files import tensor_headers
 from ..lora.quant import QUANTIZED_TYPES
+from ..lora.switch import QuantizedSwitchLinear, plain_switch, switch_weight
 
 
 _FILE_DTYPES = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}
@@ -43,7 +44,10 @@ def dequantize_all(model, dtypes: dict) -> None:
     """Every quantized layer left (the untouched ones) as a float layer in its scales' stored dtype."""
     new = []
     for path, m in model.named_modules():
-        if isinstance(m, QUANTIZED_TYPES):
+        if isinstance(m, QuantizedSwitchLinear):  # MoE experts: one float SwitchLinear
+            new.append((path, plain_switch(switch_weight(m).astype(dtypes.get(f"{path}.scales", m.scales.dtype)),
+                                           m.get("bias"))))
+        elif isinstance(m, QUANTIZED_TYPES):
             w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)
             w = w.astype(dtypes.get(f"{path}.scales", m.scales.dtype))
             if isinstance(m, nn.QuantizedEmbedding):
@@ -64,7 +68,7 @@ def quantization_config(model, base_quantization: dict | None) -> dict | None:
     mlx-lm's load_model hands a per-path entry ({"group_size", "bits"}) to that layer's to_quantized,
     which is how mixed widths (and the base's own overrides, e.g. an 8-bit embedding) load back.
     """
-    layers = [(p, m) for p, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)]
+    layers = [(p, m) for p, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES + (QuantizedSwitchLinear,))]
     if not layers:
         return None
     base_q = base_quantization or {}

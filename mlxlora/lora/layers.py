@@ -9,12 +9,15 @@ plain layer and leaves the wrapper untouched.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..errors import ConfigError
 from .quant import dequantize_weight, float_weight, weight_shape
+from .switch import LoRASwitchLinear
 
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 EMBEDDING_TYPES = (nn.Embedding, nn.QuantizedEmbedding)
@@ -55,6 +58,18 @@ class LoRALinear(nn.Module):
     def rank(self) -> int:
         return self.lora_a.shape[1]
 
+    @property
+    def weight(self) -> mx.array:
+        """The base layer's weight: some mlx-lm models read (gemma3n's AltUp even clips) a projection's
+        weight directly, so a wrapped projection must still answer `.weight`."""
+        return self.linear.weight
+
+    def __setattr__(self, name, value):
+        if name == "weight" and "linear" in self:
+            self.linear.weight = value  # writes go to the base, never a second "weight" parameter
+        else:
+            super().__setattr__(name, value)
+
     def delta(self) -> mx.array:
         """The weight update scale * B @ A in the base layout (out, in), float32."""
         return self.scale * (self.lora_b.T.astype(mx.float32) @ self.lora_a.T.astype(mx.float32))
@@ -62,20 +77,13 @@ class LoRALinear(nn.Module):
     def __call__(self, x):
         y = self.linear(x)
         z = (self.dropout(x) @ self.lora_a) @ self.lora_b
-        return y + (self.scale * z).astype(x.dtype)
+        return add_to_splits(y, (self.scale * z).astype(x.dtype))
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
-        """A new Linear with W + delta; re-quantized naively (same bits/group) if the base was quantized
+        """A new layer with W + delta; re-quantized naively (same bits/group) if the base was quantized
         and `dequantize` is False. Quantization-aware strategies live in `mlxlora.fuse`."""
-        base = self.linear
-        w = float_weight(base)
-        fused = nn.Linear(w.shape[1], w.shape[0], bias="bias" in base)
-        fused.weight = (w.astype(mx.float32) + self.delta()).astype(w.dtype)
-        if "bias" in base:
-            fused.bias = base.bias
-        if isinstance(base, nn.QuantizedLinear) and not dequantize:
-            fused = nn.QuantizedLinear.from_linear(fused, base.group_size, base.bits, mode=base.mode)
-        return fused
+        w = float_weight(self.linear)
+        return fused_like(self.linear, (w.astype(mx.float32) + self.delta()).astype(w.dtype), dequantize)
 
 
 class DoRALinear(LoRALinear):
@@ -103,20 +111,51 @@ class DoRALinear(LoRALinear):
         y = (self.m / denom).astype(x.dtype) * y
         if "bias" in base:
             y = y + base.bias
-        return y
+        indices = getattr(base, "indices", None)  # a fused projection that returns its splits (afm7)
+        return y.split(indices, axis=-1) if isinstance(indices, list) else y
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
-        base = self.linear
-        w = float_weight(base)
+        w = float_weight(self.linear)
         adapted = w.astype(mx.float32) + self.delta()
         adapted = (self.m / mx.linalg.norm(adapted, axis=1))[:, None] * adapted
-        fused = nn.Linear(w.shape[1], w.shape[0], bias="bias" in base)
-        fused.weight = adapted.astype(w.dtype)
+        return fused_like(self.linear, adapted.astype(w.dtype), dequantize)
+
+
+def add_to_splits(y, z: mx.array):
+    """y + z, where y may be the list of splits a fused projection returns (afm7's FusedLinear
+    returns q, k, v as a list): z (..., sum of widths) is split the same way."""
+    if not isinstance(y, (list, tuple)):
+        return y + z
+    cuts, at = [], 0
+    for part in y[:-1]:
+        at += part.shape[-1]
+        cuts.append(at)
+    return type(y)(a + b for a, b in zip(y, z.split(cuts, axis=-1)))
+
+
+def fused_like(base: nn.Module, weight: mx.array, dequantize: bool) -> nn.Module:
+    """A new layer like `base` (same class, so a subclass's forward such as afm7's splits is kept)
+    holding the float `weight` (out, in); a quantized base is re-quantized with its own bits and group
+    size unless `dequantize`, which gives a plain Linear."""
+    quantized = isinstance(base, nn.QuantizedLinear)
+    if quantized and dequantize:
+        if isinstance(getattr(base, "indices", None), list):
+            raise ConfigError(f"fuse --dequantize: {type(base).__name__} returns splits and has no plain float "
+                              "form here; fuse without --dequantize")
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in base)
+        fused.weight = weight
         if "bias" in base:
             fused.bias = base.bias
-        if isinstance(base, nn.QuantizedLinear) and not dequantize:
-            fused = nn.QuantizedLinear.from_linear(fused, base.group_size, base.bits, mode=base.mode)
         return fused
+    fused = copy.copy(base)  # a new module: same class and attributes, its own parameter dict
+    if quantized:
+        packed = mx.quantize(weight, base.group_size, base.bits, mode=base.mode)
+        fused.weight, fused.scales = packed[0], packed[1]
+        if len(packed) > 2 and packed[2] is not None:
+            fused.biases = packed[2]
+    else:
+        fused.weight = weight
+    return fused
 
 
 class LoRAEmbedding(nn.Module):
@@ -171,7 +210,7 @@ class LoRAEmbedding(nn.Module):
         return fused
 
 
-ADAPTER_TYPES = (LoRALinear, LoRAEmbedding)
+ADAPTER_TYPES = (LoRALinear, LoRAEmbedding, LoRASwitchLinear)
 
 
 def base_of(layer: nn.Module) -> nn.Module:

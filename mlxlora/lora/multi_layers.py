@@ -15,6 +15,7 @@ import mlx.nn as nn
 from ..errors import AdapterError
 from .layers import EMBEDDING_TYPES, LINEAR_TYPES, linear_dims
 from .quant import float_weight, weight_shape
+from .switch import SWITCH_TYPES, switch_dims
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,32 @@ class MultiLoRAEmbedding(_Multi):
         return y + (self._scales[name] * z).astype(y.dtype)
 
 
-MULTI_TYPES = (MultiLoRALinear, MultiLoRAEmbedding)
+class MultiLoRASwitchLinear(_Multi):
+    """MoE experts (SwitchLinear / QuantizedSwitchLinear) wrapped once, with named per-expert updates
+    lora_a (E, in, r) / lora_b (E, r, out), applied with the base's indices as LoRASwitchLinear does.
+
+    A batch mixing adapters row by row is refused: the MoE block sorts (token, expert) pairs by expert
+    before these layers see them, so which row a pair came from is gone.
+    """
+
+    BASE = "linear"
+
+    def __call__(self, x, indices, sorted_indices: bool = False):
+        plan = self.plan
+        if plan is not None and len(plan.groups) > 1:
+            raise AdapterError("adapter_names: a batch mixing adapters row by row is not supported on MoE experts "
+                               "(tokens are regrouped by expert); run one adapter per batch")
+        name = plan.groups[0][0] if plan is not None else self.active
+        y = self.linear(x, indices, sorted_indices=sorted_indices)
+        p = self.adapters.get(name) if name is not None else None
+        if p is None:
+            return y
+        z = mx.gather_mm(x, p["lora_a"], rhs_indices=indices, sorted_indices=sorted_indices)
+        z = mx.gather_mm(z, p["lora_b"], rhs_indices=indices, sorted_indices=sorted_indices)
+        return y + (self._scales[name] * z).astype(x.dtype)
+
+
+MULTI_TYPES = (MultiLoRALinear, MultiLoRAEmbedding, MultiLoRASwitchLinear)
 
 
 def fit_problem(path: str, lora, module) -> str | None:
@@ -150,6 +176,14 @@ def fit_problem(path: str, lora, module) -> str | None:
     multi-adapter wrapper), or None."""
     if isinstance(module, MULTI_TYPES):
         module = module.base
+    if lora.experts or isinstance(module, SWITCH_TYPES):
+        if not (lora.experts and isinstance(module, SWITCH_TYPES)):
+            return f"{path}: per-expert tensors and the base layer ({type(module).__name__}) do not match"
+        e, in_dims, out_dims = switch_dims(module)
+        a, b = tuple(lora.lora_a.shape), tuple(lora.lora_b.shape)
+        if a != (e, in_dims, lora.rank) or b != (e, lora.rank, out_dims):
+            return f"{path}: lora_a {a} / lora_b {b} do not fit ({e}, {in_dims}, r) / ({e}, r, {out_dims})"
+        return None
     kinds = EMBEDDING_TYPES if lora.embedding else LINEAR_TYPES
     if not isinstance(module, kinds):
         return f"{path}: the base has no {'Embedding' if lora.embedding else 'Linear'} there"
@@ -163,4 +197,4 @@ def fit_problem(path: str, lora, module) -> str | None:
     return None
 
 
-__all__ = ["RowPlan", "MultiLoRALinear", "MultiLoRAEmbedding", "MULTI_TYPES", "fit_problem"]
+__all__ = ["RowPlan", "MultiLoRALinear", "MultiLoRAEmbedding", "MultiLoRASwitchLinear", "MULTI_TYPES", "fit_problem"]

@@ -13,6 +13,7 @@ from ..errors import ConfigError
 from ..files import natural_key
 from .layers import ADAPTER_TYPES, EMBEDDING_TYPES, LINEAR_TYPES, DoRALinear, LoRAEmbedding, LoRALinear, base_of
 from .quant import QUANTIZED_TYPES, unpacked_cols
+from .switch import SWITCH_TYPES, LoRASwitchLinear, QuantizedSwitchLinear, routers
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|decoder\.layers)\.(\d+)\.")
 # Output heads are never part of "all-linear" (as in PEFT).
@@ -31,10 +32,13 @@ def num_blocks(model: nn.Module) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def _name_matches(path: str, module: nn.Module, cfg: LoraConfig) -> bool:
+def _name_matches(path: str, module: nn.Module, cfg: LoraConfig, skip: set[str]) -> bool:
     t = cfg.target_modules
     if t == ALL_LINEAR:
-        return isinstance(module, LINEAR_TYPES) and path.split(".")[-1] not in _HEAD_NAMES
+        # The experts are linear layers too; MoE routers are not (PEFT's all-linear on transformers 5 never
+        # sees them as nn.Linear): name a router in --target to adapt it.
+        return (isinstance(module, LINEAR_TYPES + SWITCH_TYPES) and path.split(".")[-1] not in _HEAD_NAMES
+                and path not in skip)
     if isinstance(t, str):
         return re.fullmatch(t, path) is not None
     return any(path == key or path.endswith("." + key) for key in t)
@@ -56,23 +60,37 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module
     elif cfg.last_n_layers is not None:
         allowed = set(range(max(0, n_blocks - cfg.last_n_layers), n_blocks))
 
-    found = []
+    found, skip = [], routers(model) if cfg.target_modules == ALL_LINEAR else set()
     for path, module in model.named_modules():
-        if isinstance(module, ADAPTER_TYPES) or not _name_matches(path, module, cfg):
+        if isinstance(module, ADAPTER_TYPES) or not _name_matches(path, module, cfg, skip):
             continue
         if allowed is not None and block_index(path) not in allowed:
             continue
-        if not isinstance(module, LINEAR_TYPES + EMBEDDING_TYPES):
+        if not isinstance(module, LINEAR_TYPES + EMBEDDING_TYPES + SWITCH_TYPES):
             # A container was named (e.g. "mlp"): PEFT errors too.
             raise ConfigError(f"target_modules: {path} is a {type(module).__name__}; only Linear, "
-                              "QuantizedLinear and Embedding layers take an adapter")
+                              "QuantizedLinear, Embedding and (Quantized)SwitchLinear layers take an adapter")
         found.append((path, module))
     if not found:
-        names = sorted({p.split(".")[-1] for p, m in model.named_modules() if isinstance(m, LINEAR_TYPES)})
-        raise ConfigError(f"target_modules {cfg.target_modules!r} matched no layer; linear layers of this "
-                          f"model: {', '.join(names)} (or use --target all-linear)")
+        raise ConfigError(_no_match(model, cfg))
     # named_modules() walks children in reverse; report in reading order (block by block).
     return sorted(found, key=lambda pm: natural_key(pm[0]))
+
+
+def _no_match(model: nn.Module, cfg: LoraConfig) -> str:
+    """The one-line error for a target that matched nothing: the layer names that exist, by type."""
+    by_type: dict[str, set[str]] = {}
+    for p, m in model.named_modules():
+        w = m.get("weight") if isinstance(m, dict) else None
+        if isinstance(m, LINEAR_TYPES + EMBEDDING_TYPES) or (isinstance(w, mx.array) and w.ndim >= 2):
+            by_type.setdefault(type(m).__name__, set()).add(p.split(".")[-1])
+    listed = "; ".join(f"{t}: {', '.join(sorted(n))}" for t, n in sorted(by_type.items()))
+    adaptable = any(isinstance(m, LINEAR_TYPES) for _, m in model.named_modules())
+    if cfg.target_modules == ALL_LINEAR:
+        return (f"target_modules all-linear matched no layer: this model has no Linear / QuantizedLinear "
+                f"outside the output head (its layers: {listed}); mlxlora adapts only those types")
+    hint = " (or use --target all-linear)" if adaptable else ""
+    return f"target_modules {cfg.target_modules!r} matched no layer; layers of this model: {listed}{hint}"
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig) -> nn.Module:
@@ -91,6 +109,11 @@ def get_lora_model(model: nn.Module, config: LoraConfig) -> nn.Module:
             if config.use_dora:
                 raise ConfigError(f"use_dora: DoRA on an embedding ({path}) is not supported; drop it from --target")
             layer = LoRAEmbedding.from_base(module, r=r, scale=scale, dropout=config.lora_dropout)
+        elif isinstance(module, SWITCH_TYPES):
+            if config.use_dora:
+                raise ConfigError(f"use_dora: DoRA on MoE experts ({path}, {type(module).__name__}) is not supported "
+                                  "(nor in mlx-lm or PEFT's target_parameters); drop --dora or target dense layers only")
+            layer = LoRASwitchLinear.from_base(module, r=r, scale=scale, dropout=config.lora_dropout)
         else:
             cls = DoRALinear if config.use_dora else LoRALinear
             layer = cls.from_base(module, r=r, scale=scale, dropout=config.lora_dropout)
@@ -137,14 +160,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; quantized weights count as their float size."""
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total = 0
+    total, quantized = 0, QUANTIZED_TYPES + (QuantizedSwitchLinear,)
     for _, m in model.named_modules():
         for name, v in m.items():
             if not isinstance(v, mx.array):
                 continue
-            if name == "weight" and isinstance(m, QUANTIZED_TYPES):
+            if name == "weight" and isinstance(m, quantized):
                 total += unpacked_cols(v.size, m.bits)
-            elif name in ("scales", "biases") and isinstance(m, QUANTIZED_TYPES):
+            elif name in ("scales", "biases", "global_scale") and isinstance(m, quantized):
                 continue
             else:
                 total += v.size
@@ -157,3 +180,37 @@ def print_trainable_parameters(model: nn.Module) -> str:
     line = f"trainable params: {t:,} || all params: {n:,} || trainable%: {100 * t / max(n, 1):.4f}"
     print(line)
     return line
+
+
+class adapters_off:
+    """Context: the model runs as its bare base (each adapter layer swapped for the layer it wraps), then the
+    adapter layers come back unchanged. No weights are copied: this is the base a reference pass needs."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.layers = model, adapter_layers(model)
+
+    def __enter__(self):
+        if self.layers:
+            self.model.update_modules(tree_unflatten([(p, base_of(m)) for p, m in self.layers]))
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.layers:
+            self.model.update_modules(tree_unflatten(self.layers))
+
+
+class adapter_tensors:
+    """Context: the adapter layers hold `tensors` ({path: array}, as adapter_parameters gives), then their own
+    tensors again. Swaps references only: a frozen reference adapter costs one copy of the adapter, not of
+    the base."""
+
+    def __init__(self, model: nn.Module, tensors: dict[str, mx.array]):
+        self.model, self.tensors = model, tensors
+
+    def __enter__(self):
+        self.saved = adapter_parameters(self.model)
+        self.model.load_weights(list(self.tensors.items()), strict=False)
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.load_weights(list(self.saved.items()), strict=False)

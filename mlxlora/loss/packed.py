@@ -42,7 +42,11 @@ def segment_mask(segments: mx.array) -> mx.array:
     return (same & causal)[:, None]
 
 
+def segment_cache(model, segments: mx.array) -> list[SegmentCache]:
+    """The per-layer cache list that keeps the samples of a packed batch apart. segments: (B, L)."""
+    return [SegmentCache(segment_mask(segments))] * len(model.layers)
+
+
 def packed_logits(model, inputs: mx.array, segments: mx.array) -> mx.array:
     """Forward pass of a packed batch. inputs, segments: (B, L)."""
-    cache = SegmentCache(segment_mask(segments))
-    return model(inputs, cache=[cache] * len(model.layers))
+    return model(inputs, cache=segment_cache(model, segments))

@@ -1,16 +1,14 @@
 """Import a llama.cpp GGUF file as an MLX model folder that `mlx_lm.load` reads.
 
-Q4_0/Q4_1/Q8_0 tensors stay quantized: `mx.load` returns them as MLX affine triples
-(`.weight` uint32, `.scales`, `.biases`; group 32) and they are saved as they are.
-Other types (BF16, K-quants, IQ) are dequantized with the `gguf` package, and may be
-re-quantized with `quantize_bits`. The tokenizer is rebuilt from `tokenizer.ggml.*`.
+Block-quantized matrices stay quantized as MLX affine triples (`.weight` uint32, `.scales`,
+`.biases`; groups of 32): exactly where the block math is affine per 32 values, re-quantized
+where it is not (see gguf_quants). Float matrices may be quantized with `quantize_bits`.
+The tokenizer is rebuilt from `tokenizer.ggml.*`.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -20,35 +18,9 @@ import numpy as np
 from ..config import check_bits
 from ..errors import ModelError
 from ..files import atomic_folder, check_output, open_gguf
+from .gguf_arch import ARCHS, arch_config, hf_name
+from .gguf_quants import GROUP_SIZE, read_tensor
 from .gguf_tokenizer import build_tokenizer
-
-GROUP_SIZE = 32  # GGUF block size; also used when re-quantizing float weights
-
-# general.architecture -> HF config identity and default rope_theta; llama.cpp permutes
-# the Q/K rows of "llama" only (convert_hf_to_gguf.py LlamaModel), never qwen2's.
-ARCHS = {
-    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], permuted_qk=True,
-                  rope_theta=10000.0),
-    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], permuted_qk=False,
-                  rope_theta=1000000.0),
-}
-
-# GGUF module name -> mlx-lm/HF module name. The suffix (.weight, .bias, and MLX's
-# .scales/.biases) is carried over, so qwen2's attn_q/k/v.bias map through the same rows.
-TENSOR_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-    "blk.{n}.attn_norm": "model.layers.{n}.input_layernorm",
-    "blk.{n}.attn_q": "model.layers.{n}.self_attn.q_proj",
-    "blk.{n}.attn_k": "model.layers.{n}.self_attn.k_proj",
-    "blk.{n}.attn_v": "model.layers.{n}.self_attn.v_proj",
-    "blk.{n}.attn_output": "model.layers.{n}.self_attn.o_proj",
-    "blk.{n}.ffn_norm": "model.layers.{n}.post_attention_layernorm",
-    "blk.{n}.ffn_gate": "model.layers.{n}.mlp.gate_proj",
-    "blk.{n}.ffn_up": "model.layers.{n}.mlp.up_proj",
-    "blk.{n}.ffn_down": "model.layers.{n}.mlp.down_proj",
-}
 
 # HF config key -> GGUF metadata key, after the "{arch}." prefix.
 HPARAMS = {
@@ -62,17 +34,6 @@ HPARAMS = {
     "max_position_embeddings": "context_length",
 }
 
-MX_QUANTIZED = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # types mx.load returns as (weight, scales, biases)
-
-
-def hf_name(gguf_name: str) -> str | None:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None if unmapped."""
-    module, _, suffix = gguf_name.rpartition(".")
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", module)
-    key = f"blk.{{n}}.{m[2]}" if m else module
-    hf = TENSOR_NAMES.get(key)
-    return None if hf is None else f"{hf.format(n=m[1] if m else '')}.{suffix}"
-
 
 def unpermute_rows(rows: int, n_head: int) -> np.ndarray:
     """Row order undoing llama.cpp's Q/K permutation: `w_hf = w_gguf[order]`.
@@ -83,11 +44,12 @@ def unpermute_rows(rows: int, n_head: int) -> np.ndarray:
 
 
 def convert_gguf(gguf_path, out_dir, force: bool = False, quantize_bits: int | None = None,
-                 flag: str | None = None) -> Path:
+                 flag: str | None = None, keep_float: bool = False) -> Path:
     """Write the MLX folder (config.json, model.safetensors, tokenizer files) for a GGUF file.
 
-    Supports general.architecture llama and qwen2. `quantize_bits` (2-8) re-quantizes
-    weights that come out as float (group size 32). Raises ModelError for a missing,
+    Supports the general.architecture values in gguf_arch.ARCHS. `quantize_bits` (2-8) re-quantizes
+    weights that come out as float (group size 32). `keep_float` imports the types with no
+    exact MLX form (Q2_K, Q3_K, Q6_K) as float16 instead of re-quantizing them. Raises ModelError for a missing,
     truncated or unsupported file, and when `out_dir` is not empty and `force` is False;
     ConfigError for a bad `quantize_bits`.
     Returns `out_dir`. Writes into a temporary sibling folder and renames it at the end.
@@ -102,10 +64,14 @@ def convert_gguf(gguf_path, out_dir, force: bool = False, quantize_bits: int | N
         raise ModelError(f"{gguf_path.name}: GGUF architecture {arch!r} is not supported "
                          f"(supported: {', '.join(ARCHS)})")
     config = _hparams(gguf_path, meta, arch)
-    weights, quant, rope_freqs = _load_weights(gguf_path, reader, config, quantize_bits)
+    weights, quant, rope = _load_weights(gguf_path, reader, arch, config, quantize_bits, keep_float)
     _complete_config(config, meta, weights, quant)
-    if rope_freqs is not None:
-        config["rope_scaling"] = llama3_rope_scaling(np.array(rope_freqs, dtype=np.float64), config)
+    if "rope_freqs" in rope:
+        config["rope_scaling"] = llama3_rope_scaling(np.array(rope["rope_freqs"], dtype=np.float64), config)
+    if "rope_factors_long" in rope:  # phi3's LongRoPE (128k context models)
+        config["rope_scaling"] = {"type": "longrope", **{
+            f"{k}_factor": [_f32(x) for x in np.array(rope[f"rope_factors_{k}"]).tolist()]
+            for k in ("long", "short")}}
     tokenizer, tokenizer_config = build_tokenizer(meta)
 
     with atomic_folder(out_dir, force=force, error=ModelError, flag=flag) as tmp:
@@ -116,61 +82,55 @@ def convert_gguf(gguf_path, out_dir, force: bool = False, quantize_bits: int | N
     return out_dir
 
 
-def _read_tensors(path: Path, reader) -> tuple[dict, dict]:
-    """GGUF name -> mx.array, and GGUF module -> bits for the tensors kept quantized."""
-    from gguf import GGMLQuantizationType, quants
+ROPE_TENSORS = ("rope_freqs", "rope_factors_long", "rope_factors_short")
 
-    native = {t.name: MX_QUANTIZED[t.tensor_type.name] for t in reader.tensors
-              if t.tensor_type.name in MX_QUANTIZED and t.name.endswith(".weight")}
-    arrays, bits = {}, {}
-    if native:
-        try:
-            loaded = mx.load(str(path))
-        except (RuntimeError, ValueError) as e:  # e.g. a file that also holds Q5_0 tensors
-            warnings.warn(f"{path.name}: mx.load cannot read this file ({e}); "
-                          "dequantizing every tensor to float16")
-            native = {}
-        else:
-            for name, b in native.items():
-                stem = name.removesuffix(".weight")
-                for part in ("weight", "scales", "biases"):
-                    arrays[f"{stem}.{part}"] = loaded[f"{stem}.{part}"]
-                bits[stem] = b
-            del loaded
+
+def _read_tensors(reader, arch: str, keep_float: bool) -> tuple[dict, dict]:
+    """GGUF name -> mx.array (MLX's `.weight`/`.scales`/`.biases` for quantized matrices), and
+    GGUF module -> (group size, bits) for the tensors kept quantized."""
+    arrays, specs = {}, {}
+    offset = ARCHS[arch].norm_offset
     for t in reader.tensors:
-        if t.name in native:
-            continue
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the fastest dim first
-        kind = t.tensor_type
-        if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            arrays[t.name] = mx.array(np.asarray(t.data).reshape(shape))
-        else:  # BF16 keeps its dtype; block quants become float16
-            dtype = mx.bfloat16 if kind == GGMLQuantizationType.BF16 else mx.float16
-            float32 = quants.dequantize(t.data, kind).reshape(shape)
-            arrays[t.name] = mx.array(float32).astype(dtype)
-    return arrays, bits
+        stem, _, suffix = t.name.rpartition(".")
+        matrix = suffix == "weight" and len(shape) >= 2 and stem not in ROPE_TENSORS
+        if stem.endswith("ffn_gate_inp_shexp") and len(shape) == 1:
+            shape, matrix = (1, *shape), False  # HF's Linear(hidden, 1); a float vector in GGUF
+        parts, spec = read_tensor(t.name, t.tensor_type.name, t.data, shape, quantize=matrix,
+                                  keep_float=keep_float)
+        if offset and t.name.endswith("norm.weight"):  # llama.cpp stored gemma's 1 + w
+            parts["weight"] = parts["weight"] - offset
+        arrays.update({f"{stem}.{part}" if part != "weight" else t.name: a for part, a in parts.items()})
+        if spec is not None:
+            specs[stem] = spec
+    return arrays, specs
 
 
-def _load_weights(path: Path, reader, config: dict, quantize_bits: int | None):
-    """mlx-lm weights; HF module -> (group_size, bits) or None (float matrix); rope_freqs."""
-    arrays, bits = _read_tensors(path, reader)
-    rope_freqs = arrays.pop("rope_freqs.weight", None)  # Llama 3.1+ rope scaling, see below
-    unknown = sorted(n for n in arrays if hf_name(n) is None)
+def _load_weights(path: Path, reader, arch: str, config: dict, quantize_bits: int | None,
+                  keep_float: bool):
+    """mlx-lm weights; HF module -> (group_size, bits) or None (float matrix); rope tensors."""
+    try:
+        arrays, specs = _read_tensors(reader, arch, keep_float)
+    except ModelError as e:  # a tensor type with no import: name the file too
+        raise ModelError(f"{path.name}: {e}") from None
+    rope = {k: arrays.pop(f"{k}.weight") for k in ROPE_TENSORS if f"{k}.weight" in arrays}
+    unknown = sorted(n for n in arrays if hf_name(n, arch) is None)
     if unknown:
-        raise ModelError(f"{path.name}: tensors with no mlx-lm name: {', '.join(unknown)}")
-    permuted = ARCHS[config["model_type"]]["permuted_qk"]
+        raise ModelError(f"{path.name}: tensors with no mlx-lm name for GGUF architecture {arch}: "
+                         f"{', '.join(unknown)}")
+    permuted = ARCHS[arch].permuted_qk
     weights, quant = {}, {}
     for name, a in arrays.items():
-        hf = hf_name(name)
+        hf = hf_name(name, arch)
         module = hf.rpartition(".")[0]
         if permuted and module.endswith(("q_proj", "k_proj")):
             heads = config["num_attention_heads" if module.endswith("q_proj") else "num_key_value_heads"]
             a = a[mx.array(unpermute_rows(a.shape[0], heads))]
         weights[hf] = a
         stem = name.rpartition(".")[0]
-        if stem in bits:
-            quant[module] = (GROUP_SIZE, bits[stem])
-        elif hf.endswith(".weight") and a.ndim == 2:
+        if stem in specs:
+            quant[module] = specs[stem]
+        elif hf.endswith(".weight") and a.ndim >= 2 and not module.endswith("shared_expert_gate"):
             quant[module] = None
     if quantize_bits:
         for module, spec in quant.items():
@@ -179,7 +139,7 @@ def _load_weights(path: Path, reader, config: dict, quantize_bits: int | None):
                 q = mx.quantize(w, group_size=GROUP_SIZE, bits=quantize_bits)
                 weights.update(zip([f"{module}.{p}" for p in ("weight", "scales", "biases")], q))
                 quant[module] = (GROUP_SIZE, quantize_bits)
-    return weights, quant, rope_freqs
+    return weights, quant, rope
 
 
 def llama3_rope_scaling(rope_freqs: np.ndarray, config: dict) -> dict:
@@ -202,33 +162,43 @@ def llama3_rope_scaling(rope_freqs: np.ndarray, config: dict) -> dict:
 
 
 def _quantization(quant: dict) -> dict | None:
-    """mlx-lm's `quantization` entry: the commonest (group, bits), plus per-module exceptions."""
+    """mlx-lm's `quantization` entry: the commonest (group, bits[, mode]), plus per-module exceptions."""
     counts = Counter(spec for spec in quant.values() if spec is not None)
     if not counts:
         return None
-    group, bits = counts.most_common(1)[0][0]
-    out = {"group_size": group, "bits": bits}
+    common = counts.most_common(1)[0][0]
+    out = _spec_dict(common)
     for module, spec in sorted(quant.items()):
-        if spec != (group, bits):  # float matrices: False; other widths: their own params
-            out[module] = False if spec is None else {"group_size": spec[0], "bits": spec[1]}
+        if spec != common:  # float matrices: False; other widths or modes: their own params
+            out[module] = False if spec is None else _spec_dict(spec, with_mode=len(common) > 2)
     return out
+
+
+def _spec_dict(spec: tuple, with_mode: bool = False) -> dict:
+    """(group, bits[, mode]) -> mlx-lm's dict; the mode written when it is not affine, or when
+    the file-wide default it overrides is not (`with_mode`)."""
+    out = {"group_size": spec[0], "bits": spec[1]}
+    mode = spec[2] if len(spec) > 2 else "affine"
+    return dict(out, mode=mode) if with_mode or mode != "affine" else out
 
 
 def _hparams(path: Path, meta: dict, arch: str) -> dict:
     """The config.json entries that come from `{arch}.*` metadata (flat `rope_theta`)."""
     info = ARCHS[arch]
-    config = {"model_type": info["model_type"], "architectures": info["architectures"]}
+    config = {"model_type": info.model_type, "architectures": list(info.architectures)}
     for key, gguf_key in HPARAMS.items():
         value = meta.get(f"{arch}.{gguf_key}")
         if value is not None:
             config[key] = value
+    if "intermediate_size" not in config and f"{arch}.expert_feed_forward_length" in meta:
+        config["intermediate_size"] = meta[f"{arch}.expert_feed_forward_length"]  # MoE only
     missing = [k for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
                            "num_attention_heads", "rms_norm_eps") if k not in config]
     if missing:
         raise ModelError(f"{path.name}: GGUF metadata lacks "
                          f"{', '.join(f'{arch}.{HPARAMS[k]}' for k in missing)}; re-export the file")
     config.setdefault("num_key_value_heads", config["num_attention_heads"])
-    config.setdefault("rope_theta", info["rope_theta"])
+    config.setdefault("rope_theta", info.rope_theta)
     for key in ("rms_norm_eps", "rope_theta"):  # GGUF floats are float32: 9.99999974e-06 -> 1e-05
         config[key] = _f32(config[key])
     head_dim = meta.get(f"{arch}.attention.key_length")
@@ -241,6 +211,10 @@ def _hparams(path: Path, meta: dict, arch: str) -> dict:
         if scaling == "yarn":
             config["rope_scaling"]["original_max_position_embeddings"] = meta.get(
                 f"{arch}.rope.scaling.original_context_length", config.get("max_position_embeddings"))
+            for beta in ("beta_fast", "beta_slow"):  # else mlx-lm's YaRN defaults (32, 1)
+                if (value := meta.get(f"{arch}.rope.scaling.yarn_{beta}")) is not None:
+                    config["rope_scaling"][beta] = _f32(value)
+    arch_config(arch, meta, config)
     return config
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
+from mlx.utils import tree_map, tree_unflatten
 
 from ..cache import cache_dir
 from ..config import DTYPE_NAMES, GROUP_SIZES, check_dtype
@@ -22,6 +22,7 @@ from ..files import path_problem
 from ..lora.quant import on_cpu, use_fast_cpu_path
 from .fingerprint import content_hash, fingerprint
 from .gguf import convert_gguf
+from .hf_config import normalize
 
 MX_DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}  # dtype names -> mlx dtypes
 
@@ -80,18 +81,37 @@ def _check_folder(path: Path) -> None:
         raise ModelError(f"--model: {path} is missing {'; '.join(missing)}")
 
 
+def quantize_model(model: nn.Module, bits: int, group_size: int) -> int:
+    """Quantize (in place) every layer that can be and whose input width divides by `group_size`.
+
+    Returns how many layers were quantized (0: the model is unchanged).
+    """
+    new = []
+    for path, m in model.named_modules():
+        if not (hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0):
+            continue
+        try:
+            new.append((path, m.to_quantized(group_size=group_size, bits=bits, mode="affine")))
+        except TypeError:  # a layer whose to_quantized predates `mode` (afm7's FusedLinear)
+            new.append((path, m.to_quantized(group_size, bits)))
+    if new:
+        model.update_modules(tree_unflatten(new))
+    return len(new)
+
+
 def load_base(spec: str, quantize: int | None = None, group_size: int = 64, dtype: str | None = None,
               trust_remote_code: bool = False) -> Base:
     """Load a base model and tokenizer with mlx-lm; optionally quantize at load time.
 
     dtype: compute dtype of float parameters; default float32 on CPU, the checkpoint's own elsewhere.
     """
-    from mlx_lm.utils import load_model, load_tokenizer
+    from mlx_lm.utils import load_config, load_model, load_tokenizer
 
     path = resolve_model_path(spec)
     _check_folder(path)
     try:
-        model, config = load_model(path, trust_remote_code=trust_remote_code)
+        added = normalize(load_config(path))  # transformers-5 keys -> mlx-lm's, on a copy
+        model, config = load_model(path, model_config=added, trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
         raise ModelError(f"--model: mlx-lm could not load {path}: {str(e).splitlines()[0]}") from None
@@ -105,12 +125,10 @@ def load_base(spec: str, quantize: int | None = None, group_size: int = 64, dtyp
                              f"({config['quantization'].get('bits')}-bit); drop --quantize")
         if group_size not in GROUP_SIZES:
             raise choice_error("--q-group-size", group_size, GROUP_SIZES, ModelError)
-        fits = lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0  # noqa: E731
-        if not any(fits(p, m) for p, m in model.named_modules()):
+        if not quantize_model(model, quantize, group_size):
             raise ModelError(f"--quantize {quantize} --q-group-size {group_size}: no layer of {spec} has an input "
                              f"width divisible by {group_size}, so nothing would be quantized; pass a smaller "
                              f"--q-group-size ({', '.join(str(g) for g in GROUP_SIZES if g < group_size) or 'none'})")
-        nn.quantize(model, group_size=group_size, bits=quantize, class_predicate=fits)
         config = dict(config, quantization={"group_size": group_size, "bits": quantize})
     use_fast_cpu_path(model)
     mx.eval(model.parameters())

@@ -15,7 +15,10 @@ from pathlib import Path
 from ..errors import ModelError
 from ..files import open_gguf, read_json, tensor_headers
 from ..lora.quant import unpacked_cols
-from .gguf import ARCHS, GROUP_SIZE, HPARAMS, MX_QUANTIZED, hf_name
+from .gguf import HPARAMS
+from .gguf_arch import ARCHS, hf_name
+from .gguf_quants import import_spec
+from .moe_shapes import moe_block, moe_layers, stack_per_expert
 
 BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
          "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -29,16 +32,23 @@ _EMBEDDING = re.compile(r"(^|_)(embed\w*|embeddings?|wte|wpe)$")
 
 @dataclass
 class Matrix:
-    """One Linear/Embedding weight: logical float shape (rows, cols) = (out, in) or (num, dims)."""
+    """One Linear/Embedding weight: logical float shape (rows, cols) = (out, in) or (num, dims); MoE experts
+    (a SwitchLinear, kind "experts") hold `experts` such matrices."""
 
     path: str
-    kind: str  # "linear" | "embedding"
+    kind: str  # "linear" | "embedding" | "experts"
     rows: int
     cols: int
     dtype: str  # float dtype of the weight, or of the scales when quantized
     bits: int | None = None
     group_size: int | None = None
     biases: bool = True  # affine quantization stores a bias per group
+    experts: int = 0  # E for a switch layer (E, out, in), else 0
+
+    @property
+    def size(self) -> int:
+        """Weights in the matrix (all experts)."""
+        return self.rows * self.cols * max(self.experts, 1)
 
 
 @dataclass
@@ -124,7 +134,8 @@ def _tied(config: dict) -> bool:
 
 
 def config_matrices(config: dict) -> tuple[list[Matrix], list]:
-    """Parameter shapes of a llama-like model from its config (llama, mistral, qwen2/3, gemma/2, phi3)."""
+    """Parameter shapes of a llama-like model from its config (llama, mistral, qwen2/3, gemma/2, phi3, and the
+    MoE qwen3_moe / mixtral: router + experts in place of the MLP)."""
     d, mt = dims(config), config.get("model_type", "llama")
     D, I, V = d["hidden_size"], d["intermediate_size"], d["vocab_size"]
     q, kv = d["num_attention_heads"] * d["head_dim"], d["num_key_value_heads"] * d["head_dim"]
@@ -132,6 +143,7 @@ def config_matrices(config: dict) -> tuple[list[Matrix], list]:
     mats = [Matrix("model.embed_tokens", "embedding", V, D, dtype)]
     others = [("model.norm.weight", D, dtype)]
     attn_bias = mt == "qwen2" or config.get("attention_bias", False)
+    moe = moe_layers(config)
     for i in range(d["num_hidden_layers"]):
         b = f"model.layers.{i}."
         if mt == "phi3":  # fused projections
@@ -141,11 +153,15 @@ def config_matrices(config: dict) -> tuple[list[Matrix], list]:
             lin = [("self_attn.q_proj", D, q), ("self_attn.k_proj", D, kv), ("self_attn.v_proj", D, kv),
                    ("self_attn.o_proj", q, D), ("mlp.gate_proj", D, I), ("mlp.up_proj", D, I),
                    ("mlp.down_proj", I, D)]
-        mats += [Matrix(b + name, "linear", out, inp, dtype) for name, inp, out in lin]
+        if moe is not None and i in moe["sparse"]:  # the MLP is a router and E experts per projection
+            lin = [(n, inp, out, 0) for n, inp, out in lin[:4]] + moe_block(moe, D)
+        else:
+            lin = [(n, inp, out, 0) for n, inp, out in lin]
+        mats += [Matrix(b + name, "experts" if e else "linear", out, inp, dtype, experts=e) for name, inp, out, e in lin]
         norms = ["input_layernorm", "post_attention_layernorm"]
         norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"] if mt == "gemma2" else []
         others += [(f"{b}{n}.weight", D, dtype) for n in norms]
-        if mt == "qwen3":
+        if mt in ("qwen3", "qwen3_moe"):
             others += [(f"{b}self_attn.{n}.weight", d["head_dim"], dtype) for n in ("q_norm", "k_norm")]
         if attn_bias:
             sizes = {"q_proj": q, "k_proj": kv, "v_proj": kv} | ({} if mt == "qwen2" else {"o_proj": D})
@@ -176,25 +192,29 @@ def header_matrices(headers: dict[str, dict], config: dict) -> tuple[list[Matrix
     if _tied(config):
         headers = {k: v for k, v in headers.items() if k != "lm_head.weight"}  # mlx-lm drops it
     quant = config.get("quantization") or {}
+    headers = stack_per_expert(headers)
+    moe = any(config.get(k) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
     mats, others = [], []
     for name, h in sorted(headers.items()):
         module, _, part = name.rpartition(".")
         shape = [int(s) for s in h["shape"]]
         if "rotary_emb.inv_freq" in name or part in ("scales", "biases") and f"{module}.weight" in headers:
             continue
+        experts = shape[0] if part == "weight" and len(shape) == 3 and moe else 0  # a SwitchLinear (E, out, in)
+        shape = shape[1:] if experts else shape
         if part != "weight" or len(shape) != 2:
             others.append((name, math.prod(shape), h["dtype"]))
             continue
-        kind = "embedding" if _EMBEDDING.search(module.rpartition(".")[2]) else "linear"
+        kind = "experts" if experts else "embedding" if _EMBEDDING.search(module.rpartition(".")[2]) else "linear"
         scales = headers.get(f"{module}.scales")
         if scales is None:
-            mats.append(Matrix(module, kind, shape[0], shape[1], h["dtype"]))
+            mats.append(Matrix(module, kind, shape[0], shape[1], h["dtype"], experts=experts))
             continue
         spec = quant.get(module, quant)
         if not spec or "bits" not in spec:
             raise ModelError(f"{name} is quantized but config.json has no quantization bits for it")
         mats.append(Matrix(module, kind, shape[0], unpacked_cols(shape[1], spec["bits"]), scales["dtype"],
-                           spec["bits"], spec["group_size"], f"{module}.biases" in headers))
+                           spec["bits"], spec["group_size"], f"{module}.biases" in headers, experts))
     return mats, others
 
 
@@ -206,23 +226,23 @@ def _read_gguf(path: Path) -> ModelShapes:
     arch = str(meta.get("general.architecture"))
     if arch not in ARCHS:
         raise ModelError(f"{path.name}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHS)})")
-    config = {"model_type": ARCHS[arch]["model_type"]}
+    config = {"model_type": ARCHS[arch].model_type}
     for key, gkey in HPARAMS.items():
         if f"{arch}.{gkey}" in meta:
             config[key] = meta[f"{arch}.{gkey}"]
     mats, others = [], []
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name is None:
             continue
         shape = [int(s) for s in reversed(t.shape)]
         kind = t.tensor_type.name
-        bits = MX_QUANTIZED.get(kind)
+        spec = import_spec(kind)
         if len(shape) == 2 and name.endswith(".weight"):
             module = name.rpartition(".")[0]
             mats.append(Matrix(module, "embedding" if "embed" in module else "linear", *shape,
-                               "F16" if bits or kind not in ("F32", "BF16") else kind,
-                               bits, GROUP_SIZE if bits else None))
+                               "F16" if spec or kind not in ("F32", "BF16") else kind,
+                               spec and spec[1], spec and spec[0]))
         else:
             others.append((name, math.prod(shape), "F32" if kind == "F32" else "F16"))
     config["vocab_size"] = next(m.rows for m in mats if m.kind == "embedding")

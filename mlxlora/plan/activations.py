@@ -9,7 +9,9 @@ import math
 from ..lora.quant import CHUNK_ELEMENTS
 from ..lora.surgery import block_index
 from ..loss.attention import score_elements
+from ..loss.chunked import CHUNK_COPIES, CHUNKABLE, chunk_rows
 from ..loss.head import padded_rows
+from ..models.moe_shapes import per_token
 from ..models.shapes import Matrix, ModelShapes, dims
 
 
@@ -25,9 +27,9 @@ ROLES = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "qkv_pro
 BLOCK_EXTRA = {"gemma2": (2.5, 2, 1)}
 
 
-def _blocks(adapted: list[tuple[Matrix, int]], n_blocks: int, dora: bool):
+def _blocks(adapted: list[tuple[Matrix, int]], n_blocks: int, dora: bool, k: int = 1):
     """Per block: roles of its adapters, Σ rank (+ Σ out with DoRA), Σ out; and the lowest block
-    the backward reaches (0 with an adapted embedding, n_blocks when none)."""
+    the backward reaches (0 with an adapted embedding, n_blocks when none). k: experts per token."""
     roles: dict[int, set] = {}
     extra: dict[int, int] = {}
     outs: dict[int, int] = {}
@@ -39,7 +41,8 @@ def _blocks(adapted: list[tuple[Matrix, int]], n_blocks: int, dora: bool):
             continue
         first = min(first, i)
         roles.setdefault(i, set()).add(ROLES.get(m.path.rpartition(".")[2], "attn_in"))
-        extra[i] = extra.get(i, 0) + r + (m.rows if dora else 0)
+        # experts: x·lora_a is kept once per (token, routed expert)
+        extra[i] = extra.get(i, 0) + r * (k if m.experts else 1) + (m.rows if dora else 0)
         outs[i] = outs.get(i, 0) + m.rows
     return roles, extra, outs, first
 
@@ -81,10 +84,16 @@ def _working_set(d: dict, B: int, L: int, mlp: bool, outs: dict[int, int], dora:
 UNBLOCKED = {"gemma2"}  # model types whose attention does not go through scaled_dot_product_attention
 
 
-def _logits_bytes(T: int, V: int, act_bytes: int, config: dict) -> int:
+def _logits_bytes(T: int, V: int, act_bytes: int, config: dict, memory_bytes: int | None = None) -> int:
     """Logits (T, V) in float32 for the loss, kept for logsumexp's backward, then softmax and the
     logits' gradient, plus one temporary of the same size (measured: 3.8-3.95 copies). T: the rows
-    the head projects (head.py: only the target tokens, rounded up to a level)."""
+    the head projects (head.py: only the target tokens, rounded up to a level).
+
+    A model the chunked loss handles (loss/chunked.py) holds one chunk of chunk_rows(V, memory) tokens
+    instead: CHUNK_COPIES (rows, V) float32 buffers, plus per-token vectors and the hidden rows' gradient."""
+    if config.get("model_type") in CHUNKABLE:
+        rows = min(T, chunk_rows(V, memory_bytes))
+        return CHUNK_COPIES * rows * V * 4 + rows * V * act_bytes * (act_bytes != 4) + 4 * T * 4
     logits = 4 * T * V * 4 + (T * V * act_bytes if act_bytes != 4 else 0)
     if config.get("final_logit_softcapping"):  # tanh(logits / c) * c keeps its tanh (not measured)
         logits += T * V * 4
@@ -93,19 +102,21 @@ def _logits_bytes(T: int, V: int, act_bytes: int, config: dict) -> int:
 
 def activation_terms(shapes: ModelShapes, adapted: list[tuple[Matrix, int]], batch_size: int, seq_len: int,
                      grad_checkpoint: bool = False, act_bytes: int = 4, dora: bool = False,
-                     cpu_dequant: bool = False, loss_fraction: float = 1.0) -> dict[str, int]:
+                     cpu_dequant: bool = False, loss_fraction: float = 1.0,
+                     memory_bytes: int | None = None) -> dict[str, int]:
     """Bytes of activation memory at the peak of one micro-batch (forward + backward), term by term.
 
     A decoder-only block (RMSNorm, attention, SwiGLU MLP) at the worst case: every sample padded to
     `seq_len`. Blocks below the lowest adapted one keep nothing (no gradient reaches them).
     `cpu_dequant`: the CPU backend (quantized layers run dequantize+matmul; attention is blocked). `loss_fraction`: the
-    share of the batch's tokens that carry loss (1.0, the worst case, unless known).
+    share of the batch's tokens that carry loss (1.0, the worst case, unless known). `memory_bytes`: the
+    machine's memory, which sizes the chunked loss's chunk (loss/chunked.chunk_rows).
     """
     d = dims(shapes.config)
     B, L, T = batch_size, seq_len, batch_size * seq_len
     D, I, N = d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"]
     V = next((m.rows for m in shapes.matrices if m.kind == "embedding"), d["vocab_size"])
-    roles, extra, outs, first = _blocks(adapted, N, dora)
+    roles, extra, outs, first = _blocks(adapted, N, dora, per_token(shapes.config) or 1)
     reached = range(first, N)
     model_type = shapes.config.get("model_type")
     # attention.py blocks causal attention on CPU; gemma2 computes its own soft-capped scores
@@ -113,19 +124,20 @@ def activation_terms(shapes: ModelShapes, adapted: list[tuple[Matrix, int]], bat
     kept = {i: _kept(d, model_type, B, L, roles.get(i, set()), extra.get(i, 0), p_all) for i in reached}
     mlp = {i for i, r in roles.items() if r & {"mlp_in", "mlp_out"}}
     work = int(_working_set(d, B, L, bool(mlp), outs, dora, p_block) * act_bytes) if reached else 0
-    logits = _logits_bytes(padded_rows(math.ceil(T * loss_fraction), T), V, act_bytes, shapes.config)
+    logits = _logits_bytes(padded_rows(math.ceil(T * loss_fraction), T), V, act_bytes, shapes.config, memory_bytes)
     if not grad_checkpoint:  # everything kept is alive when the backward starts
         terms = {"kept for backward": sum(kept.values()) * act_bytes,
                  "backward working set": work, "logits and their gradient": logits}
     else:
-        # mx.checkpoint keeps each block's input: measured (mlx 0.32) ~3 (T, D) buffers per block. Two
-        # phases: the loss's backward (logits alive), then blocks recomputed one at a time, when each
-        # block with MLP adapters holds two (T, I) more (measured). The peak is the larger phase.
+        # Checkpointing keeps each block's input: measured (mlx 0.32) ~3 (T, D) buffers per block. Two
+        # phases: the loss's backward (logits alive), then blocks recomputed one at a time; the peak is
+        # the larger phase. Recomputed activations are freed block by block (train/step.checkpointed_call
+        # makes each block's adapter gradients come first; before that, each block with MLP adapters
+        # held two (T, I) more until the end of the backward).
         inputs = len(reached) * 3 * T * D * act_bytes
-        more = sum(2 * T * I for i in reached if i in mlp) * act_bytes
         block = max(kept.values(), default=0) * act_bytes
-        if more + block > logits:
-            terms = {"block inputs (checkpointed)": inputs + more, "one recomputed block": block}
+        if block > logits:
+            terms = {"block inputs (checkpointed)": inputs, "one recomputed block": block}
         else:
             terms = {"block inputs (checkpointed)": inputs, "logits and their gradient": logits}
         terms["backward working set"] = work
@@ -143,6 +155,7 @@ def _dequantized(shapes, adapted, reached, grad_checkpoint, cpu_dequant, dora, a
     per_block = [sum(m.rows * m.cols for m in shapes.matrices if m.bits and block_index(m.path) == i
                      and any(a is m for a in dora_mats)) for i in reached]
     n = max(per_block, default=0) if grad_checkpoint else sum(per_block)
-    if cpu_dequant:
-        n += 2 * min(CHUNK_ELEMENTS, max((m.rows * m.cols for m in shapes.matrices if m.bits), default=0))
+    if cpu_dequant:  # quantized experts are dequantized whole (E, out, in) for one gather_mm
+        n += 2 * max((m.size if m.experts else min(CHUNK_ELEMENTS, m.size) for m in shapes.matrices if m.bits),
+                     default=0)
     return {"dequantized weights": n * act_bytes} if n else {}

@@ -12,7 +12,7 @@ Per adapted module, with adapter i's update ΔW_i = s_i * lora_a_i @ lora_b_i (s
 The result is a plain LoRA with scale 1 (lora_alpha = r, as PEFT sets it); modules that get less than the
 common rank (cat over adapters with different targets, svd of a small matrix) are padded with zeros as PEFT does.
 Arithmetic is done in float64 with numpy and cast back to the inputs' dtype. DoRA adapters cannot be combined
-this way (their magnitude is not additive), so they are refused.
+this way (their magnitude is not additive), so they are refused. MoE experts combine expert by expert.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def add_weighted_adapter(adapters: list[AdapterRecord], weights: list[float], co
         present = [(a.layers[path], float(w)) for a, w in zip(adapters, weights) if path in a.layers]
         lora_a, lora_b = combine(present, rank)
         dtype = present[0][0].lora_a.dtype
-        layers[path] = LayerLoRA(_mx(_pad(lora_a, rank, axis=1), dtype), _mx(_pad(lora_b, rank, axis=0), dtype),
+        layers[path] = LayerLoRA(_mx(_pad(lora_a, rank, axis=-1), dtype), _mx(_pad(lora_b, rank, axis=-2), dtype),
                                  scale=1.0, embedding=present[0][0].embedding)
     config = LoraConfig(r=rank, lora_alpha=float(rank), lora_dropout=adapters[0].config.lora_dropout,
                         target_modules=paths)
@@ -95,8 +95,9 @@ def _check_inputs(adapters, weights, combination_type, svd_rank) -> None:
     kinds: dict = {}
     for a in adapters:
         for p, lora in a.layers.items():
-            if kinds.setdefault(p, lora.embedding) != lora.embedding:
-                raise AdapterError(f"add_weighted_adapter: {p} is an embedding in one adapter and a linear layer in another")
+            if kinds.setdefault(p, (lora.embedding, lora.experts)) != (lora.embedding, lora.experts):
+                raise AdapterError(f"add_weighted_adapter: {p} is not the same kind of layer (embedding, linear, "
+                                   "experts) in every adapter")
 
 
 def _np(a: mx.array) -> np.ndarray:
@@ -118,9 +119,12 @@ def _linear(present, rank):
     return lora_a, lora_b
 
 
+# Experts (lora_a (E, in, r), lora_b (E, r, out)) combine expert by expert: every step below works on the
+# last two axes, so a leading expert axis is carried through (numpy's qr / svd take stacks of matrices).
+
 def _cat(present, rank):
-    lora_a = np.concatenate([w * lora.scale * _np(lora.lora_a) for lora, w in present], axis=1)  # (in, Σr)
-    lora_b = np.concatenate([_np(lora.lora_b) for lora, _ in present], axis=0)  # (Σr, out)
+    lora_a = np.concatenate([w * lora.scale * _np(lora.lora_a) for lora, w in present], axis=-1)  # (.., in, Σr)
+    lora_b = np.concatenate([_np(lora.lora_b) for lora, _ in present], axis=-2)  # (.., Σr, out)
     return lora_a, lora_b
 
 
@@ -128,18 +132,18 @@ def _svd(present, rank):
     # Σ w_i ΔW_i = A @ B with A = [w_i s_i a_i] (in, R) and B = [b_i] (R, out). Its SVD comes from the small
     # R x R core of two QR factorisations, never from the full (in, out) matrix.
     big_a, big_b = _cat(present, rank)
-    qa, ra = np.linalg.qr(big_a)  # (in, Ka), (Ka, R)
-    qb, rb = np.linalg.qr(big_b.T)  # (out, Kb), (Kb, R)
-    u, s, vt = np.linalg.svd(ra @ rb.T)  # core (Ka, Kb)
-    k = min(rank, len(s))
-    return qa @ u[:, :k], s[:k, None] * (vt[:k] @ qb.T)  # (in, k), (k, out)
+    qa, ra = np.linalg.qr(big_a)  # (.., in, Ka), (.., Ka, R)
+    qb, rb = np.linalg.qr(np.swapaxes(big_b, -1, -2))  # (.., out, Kb), (.., Kb, R)
+    u, s, vt = np.linalg.svd(ra @ np.swapaxes(rb, -1, -2))  # core (.., Ka, Kb)
+    k = min(rank, s.shape[-1])
+    return qa @ u[..., :k], s[..., :k, None] * (vt[..., :k, :] @ np.swapaxes(qb, -1, -2))  # (.., in, k), (.., k, out)
 
 
 def _pad(x: np.ndarray, rank: int, axis: int) -> np.ndarray:
     missing = rank - x.shape[axis]
     if missing <= 0:
         return x
-    widths = [(0, 0), (0, 0)]
+    widths = [(0, 0)] * x.ndim
     widths[axis] = (0, missing)
     return np.pad(x, widths)
 

@@ -26,7 +26,8 @@ from ..adapters import fit, save_record
 from ..errors import AdapterError
 from ..formats import read_adapter as read_record
 from ..formats.record import AdapterRecord
-from ..lora.multi_layers import MULTI_TYPES, MultiLoRAEmbedding, MultiLoRALinear, RowPlan, fit_problem
+from ..lora.multi_layers import (MULTI_TYPES, MultiLoRAEmbedding, MultiLoRALinear, MultiLoRASwitchLinear, RowPlan,
+                                 fit_problem)
 from ..lora.surgery import adapter_layers
 from .merge import add_weighted_adapter as merge_adapters
 
@@ -114,7 +115,8 @@ class MultiAdapterModel:
         for path, lora in adapter.layers.items():
             layer = modules[path]
             if not isinstance(layer, MULTI_TYPES):
-                layer = MultiLoRAEmbedding(layer) if lora.embedding else MultiLoRALinear(layer)
+                cls = MultiLoRAEmbedding if lora.embedding else MultiLoRASwitchLinear if lora.experts else MultiLoRALinear
+                layer = cls(layer)
                 layer.active = self._active
                 new.append((path, layer))
             layer.add(name, lora)

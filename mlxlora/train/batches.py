@@ -23,12 +23,15 @@ class BatchPlan:
         self.lengths = [len(s.ids) - 1 for s in self.samples]  # tokens a sample puts in a row
         self._order, self._order_epoch = None, None
         self.pack_capacity = min(cfg.max_seq_length, max(self.lengths))
-        if cfg.pack and model_type not in P.PACKABLE:
-            raise ConfigError(f"--pack: packing is not supported for {model_type!r} models "
-                              f"(supported: {', '.join(sorted(P.PACKABLE))}); drop --pack")
+        refusal = P.packing_refusal(model_type)
+        if cfg.pack and refusal:
+            raise ConfigError(f"--pack: {model_type!r} models are not packed: {refusal}; drop --pack")
         self.pad_fraction = P.padding_fraction(self.lengths, self._bucketed(0), False, cfg.pad_multiple)
+        self.pack_note = None  # said at start-up when packing would have helped but is refused
         if cfg.pack is None:  # auto: pack when the architecture allows it and buckets still pad > 15 %
-            self.pack = model_type in P.PACKABLE and self.pad_fraction > 0.15
+            self.pack = refusal is None and self.pad_fraction > 0.15
+            if refusal and self.pad_fraction > 0.15:
+                self.pack_note = f"packing: off for {model_type!r} models ({refusal})"
         else:
             self.pack = bool(cfg.pack)
 

@@ -43,6 +43,7 @@ class TrainerState:
     best_step: int | None = None  # the step of the lowest validation loss after step 0
     best_val: float | None = None
     bad_vals: int = 0  # validations since best_val last improved (--early-stop)
+    method_log: list = field(default_factory=list)  # [step, {metric: value}]: grpo's reward, KL, length per step
 
 
 def save_checkpoint(ckpt_root: Path, state: TrainerState, write_adapter, optimizer, keep: int | None = None,

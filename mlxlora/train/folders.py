@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.sources import parse_source
 from ..errors import AdapterError, exists_error
 from ..files import check_disjoint, make_parent, real_path, remove_path, staging_name, sweep_stale
 from .checkpoint import STATE_FILE
@@ -34,7 +35,11 @@ def is_staging_for(folder: Path, out: Path) -> bool:
 
 def check_inputs(cfg, resume) -> None:
     """Refuse an --adapter-path that is, holds or lies inside an input (model, data, a foreign --resume)."""
-    inputs = {"--model": cfg.model, "--data": cfg.data, "--train-file": cfg.train_file,
+    if isinstance(cfg.data, list):  # a mixture: each source's path (its :WEIGHT taken off)
+        data = {f"--data #{i + 1}": parse_source(d).name for i, d in enumerate(cfg.data)}
+    else:
+        data = {"--data": cfg.data}
+    inputs = {"--model": cfg.model, **data, "--train-file": cfg.train_file,
               "--valid-file": cfg.valid_file, "--config": None}
     if resume is not None:
         run = real_path(run_of(resume))

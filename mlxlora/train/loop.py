@@ -9,30 +9,38 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import data as D
-from ..adapters import load_adapter_weights, save_adapter
+from ..adapters import load_adapter, load_adapter_weights, save_adapter
 from ..config import TrainConfig
 from ..data.batches import pad_id
+from ..data.sources import prepare_data
 from ..errors import AdapterError, ConfigError, TrainingStopped
 from ..adapters import RECORD_FILE
 from ..files import read_json_or_empty, write_failure
 from ..formats.record import nonfinite_tensors
 from ..inference import evaluate
-from ..lora.surgery import count_parameters, get_lora_model
+from ..lora.surgery import adapter_parameters, count_parameters, get_lora_model
+from ..loss.chunked import model_chunk_rows
+from ..loss.tokens import loss_sums
+from .notes import report_adapted, report_dead
+from .trees import assign_tree, copy_tree, jsonable
 from ..models import Base, describe_base, load_base
+from ..plan import machine_memory
 from .batches import BatchPlan
 from .checkpoint import (TrainerState, best_checkpoint, latest_checkpoint, latest_path, list_checkpoints,
                          load_trainer_state, remove_stale_temps, save_checkpoint, write_final)
 from .folders import check_inputs, plan_run_folder
-from .memory import memory_warning
+from .memory import MemoryGuard, auto_fit, memory_warning, resume_hint
+from . import grpo as G
+from . import preference as P
 from .plot import plot_losses
 from .progress import Progress
 from .record import resume_drift, run_record
 from .signals import StopSignals
 from .step import Stepper, grad_checkpoint_blocks, make_optimizer
+from .trackers import check_trackers, report_to
 
 
 @dataclass
@@ -62,22 +70,49 @@ class Trainer:
             self.run_dir = plan_run_folder(self.out, cfg.force, resume)
         if cfg.model is None and base is None:
             raise ConfigError("--model is required (a model folder, a .gguf file or a hub id)")
-        files = D.find_split_files(cfg.data, cfg.train_file, cfg.valid_file)
+        self.method = cfg.preference.method
+        if cfg.pack and self.method != "sft":
+            raise ConfigError(f"--pack: --method {self.method} keeps both samples of an item whole; drop --pack")
+        # Hub / `datasets` sources, other row shapes and mixtures: prepared once as a JSONL folder (data/sources.py)
+        data = prepare_data(cfg.data, cfg.split_map, cfg.columns, cfg.seed) if cfg.data is not None else None
+        files = D.find_split_files(data, cfg.train_file, cfg.valid_file)
         self.base = base or load_base(cfg.model, quantize=cfg.quantize, group_size=cfg.q_group_size, dtype=cfg.dtype)
         tok = self.base.tokenizer
-        self.train_split = D.load_split(files["train"], tok, cfg.max_seq_length)
-        self.valid_split = D.load_split(files["valid"], tok, cfg.max_seq_length) if "valid" in files else None
+        fit_line = None
+        if cfg.auto_fit:  # before the data is cut to --max-seq-length and batched
+            cfg, fit_line = auto_fit(cfg, self.base)
+            self.cfg = cfg
+        if self.method == "sft":
+            load = lambda f: D.load_split(f, tok, cfg.max_seq_length)  # noqa: E731
+        else:
+            kind = "kto" if self.method == "kto" else "pairs"
+            load = lambda f: D.load_preference_split(f, tok, cfg.max_seq_length, kind, cfg.batch_size)  # noqa: E731
+        if self.method == "grpo":  # prompt rows, reward functions and their plan (train/grpo.py); no validation
+            self.rewards, self.train_split, grpo_plan = G.load_grpo(cfg, files, tok, self.rank, self.world)
+            self.valid_split = None
+        else:
+            self.train_split = load(files["train"])
+            self.valid_split = load(files["valid"]) if "valid" in files else None
         if (cfg.save_best or cfg.early_stop) and self.valid_split is None:
             flag = "--save-best" if cfg.save_best else "--early-stop"
             raise ConfigError(f"{flag} needs validation data: add valid.jsonl to --data or pass --valid-file")
         self.files = files
         self.pad_id = pad_id(tok)
         self.progress = Progress(console, quiet=self.rank != 0)
-        self.batches = BatchPlan(cfg, self.train_split, self.base.config.get("model_type"), self.pad_id,
-                                 self.rank, self.world)
+        if self.method == "sft":
+            self.batches = BatchPlan(cfg, self.train_split, self.base.config.get("model_type"), self.pad_id,
+                                     self.rank, self.world)
+        else:
+            self.batches = grpo_plan if self.method == "grpo" else P.PairPlan(cfg, self.train_split, self.pad_id,
+                                                                               self.rank, self.world)
+        self.valid_ref, self.ref_tensors, self.metrics = None, None, {}
         if self.batches.pack:
             self.progress.note(f"packing: rows of up to {self.batches.pack_capacity} tokens; padding "
                                f"{100 * self.batches.pad_fraction:.0f}% → {100 * self.batches.packed_padding():.0f}%")
+        if self.method != "sft":
+            self.progress.note("method: " + ", ".join(f"{k} {v}" for k, v in cfg.method_params().items()))
+        if self.batches.pack_note:
+            self.progress.note(self.batches.pack_note)
         if self.world > 1:
             self.progress.note(f"data parallel: {self.world} ranks × batch {cfg.batch_size} = global batch "
                                f"{self.batches.global_batch}")
@@ -86,6 +121,8 @@ class Trainer:
                 f"[yellow]warning: the tokenizer of {cfg.model or self.base.source} has no chat template; chat rows "
                 "are rendered with mlxlora's fallback format (### User: / ### Assistant:); it is recorded in the "
                 "adapter and generate / chat / serve use the same[/yellow]")
+        if fit_line:
+            self.progress.note(fit_line)
         warning = memory_warning(cfg, self.base, self.batches.pack_capacity)
         if warning:
             self.progress.console.print(f"[yellow]{warning}[/yellow]")
@@ -105,7 +142,13 @@ class Trainer:
         mx.random.seed(cfg.seed)
         self.base_info = describe_base(model, self.base.config, self.base.info.get("fingerprint"),
                                        self.base.info.get("content"))  # before wrapping
-        get_lora_model(model, cfg.lora)
+        if cfg.init_adapter is not None:  # start from it; a reference method keeps a copy of its tensors
+            load_adapter(model, cfg.init_adapter, base_info=self.base_info,
+                         ignore_base_mismatch=cfg.ignore_base_mismatch)
+            self.ref_tensors = dict(adapter_parameters(model))
+        else:
+            get_lora_model(model, cfg.lora)
+        report_adapted(self.progress, model)
         if cfg.grad_checkpoint:
             grad_checkpoint_blocks(model)
         total = self.total_steps()
@@ -120,13 +163,24 @@ class Trainer:
             except OSError as e:
                 raise AdapterError(f"--adapter-path {self.out}: cannot create {self.run_dir} ({write_failure(e)}); "
                                    "choose another --adapter-path") from None
-        stepper = Stepper(model, optimizer, cfg.clip_grad, group=self.group)
+        if cfg.preference.needs_reference:
+            self._reference(model)
+        # the loss's chunk of tokens: sized from the head's vocabulary and this machine's memory
+        chunk = model_chunk_rows(model, machine_memory()[0])
+        if self.method == "grpo":
+            stepper = G.make_stepper(model, optimizer, self.base.tokenizer, cfg, self.rewards, self.pad_id,
+                                     self.ref_tensors)
+        else:
+            sft = self.method == "sft"
+            stepper = Stepper(model, optimizer, cfg.clip_grad, group=self.group,
+                              loss_fn=loss_sums if sft else P.loss_fn(cfg), chunk=chunk if sft else None)
         trainable, n_params = count_parameters(model)
         self.progress.start(total, st.step, trainable, n_params, self.train_split.stats, cfg)
         base_val = None
         if self.valid_split is not None and st.step == 0:
             base_val = self._validate(model)
             st.val_log.append([0, base_val])
+            self.first_val_metrics = getattr(self, "val_metrics", None)
         t0, stop = time.perf_counter(), StopSignals(self.run_dir, self.rank)
         try:
             self._loop(model, optimizer, stepper, st, total, stop)
@@ -158,12 +212,16 @@ class Trainer:
     def _loop(self, model, optimizer, stepper, st, total, stop):
         cfg = self.cfg
         window_tokens, window_t, bad_in_row = 0, time.perf_counter(), 0
+        limit = int(cfg.memory_limit * 2**30) if cfg.memory_limit else machine_memory()[0]
+        guard = MemoryGuard(limit) if limit else None
         while st.step < total and not stop.hit:
             model.train()
             batches, real_tokens = self.batches.next(st)
+            if guard is not None and (why := guard.check(batches, after=False)):
+                self._memory_stop(model, optimizer, st, why)
             # Dropout noise depends on (seed, step) only, so a resumed run draws the same masks.
             mx.random.seed(cfg.seed * 1_000_003 + st.step)
-            before = (model.trainable_parameters(), _copy_tree(optimizer.state))
+            before = (model.trainable_parameters(), copy_tree(optimizer.state))
             loss, ntok, norm = stepper.step(batches)
             mx.eval(loss, ntok, norm, model.state, optimizer.state)
             loss_v = loss.item()
@@ -171,7 +229,7 @@ class Trainer:
             if not (math.isfinite(loss_v) and math.isfinite(norm.item())):
                 # Undo the update: parameters and optimizer moments go back to the last good values.
                 model.update(before[0])
-                _assign_tree(optimizer.state, before[1])
+                assign_tree(optimizer.state, before[1])
                 st.nonfinite_skipped += 1
                 bad_in_row += 1
                 self.progress.note(f"step {st.step}: non-finite loss/gradient, update skipped "
@@ -182,6 +240,11 @@ class Trainer:
                                           f"{self.run_dir / 'checkpoints'}")
                 continue
             bad_in_row = 0
+            if self.method == "grpo":  # tokens are the sampled completions'; the step's rewards, KL, lengths
+                real_tokens, self.metrics = int(ntok.item()), G.step_metrics(stepper.last)
+                st.method_log.append([st.step, self.metrics])
+            if st.step == 1:
+                report_dead(self.progress, stepper)
             st.tokens += real_tokens
             window_tokens += real_tokens
             tps = window_tokens / max(time.perf_counter() - window_t, 1e-9)
@@ -192,7 +255,11 @@ class Trainer:
             if self.valid_split is not None and st.step % cfg.val_every == 0 and st.step < total:
                 val = self._validate(model)
                 st.val_log.append([st.step, val])
-            self.progress.update(st, loss_v, val, tps, report=(st.step % cfg.report_every == 0 or st.step == total))
+            if self.method not in ("sft", "grpo"):
+                self.metrics = P.metric_means(stepper.metrics, self.method)
+            extra = G.stats_text(stepper.last) if self.method == "grpo" else P.metrics_text(self.metrics)
+            self.progress.update(st, loss_v, val, tps, report=(st.step % cfg.report_every == 0 or st.step == total),
+                                 extra=extra)
             if st.step % cfg.report_every == 0:
                 window_tokens, window_t = 0, time.perf_counter()
             best = val is not None and self._improved(st, val) and cfg.save_best
@@ -200,9 +267,16 @@ class Trainer:
                 self._checkpoint(model, optimizer, st, best=best)
             for cb in self.callbacks:
                 cb(st)
+            if guard is not None and (why := guard.check(batches, after=True)):
+                self._memory_stop(model, optimizer, st, why)
             if cfg.early_stop and st.bad_vals >= cfg.early_stop:
                 self.early_stopped = True
                 break
+
+    def _memory_stop(self, model, optimizer, st, why: str):
+        path = self._checkpoint(model, optimizer, st)
+        raise TrainingStopped(f"memory guard at step {st.step}: {why}; checkpoint saved to {path}; "
+                              f"resume at a smaller batch with: {resume_hint(self.cfg, self.run_dir)}")
 
     @staticmethod
     def _improved(st: TrainerState, val: float) -> bool:
@@ -227,20 +301,44 @@ class Trainer:
 
     def _validate(self, model) -> float | None:
         model.eval()
-        v = evaluate(model, self.valid_split, self.cfg.batch_size, self.cfg.pad_multiple, self.pad_id,
-                     self.cfg.val_batches)
+        if self.method == "sft":
+            v = evaluate(model, self.valid_split, self.cfg.batch_size, self.cfg.pad_multiple, self.pad_id,
+                         self.cfg.val_batches)
+        else:
+            v, self.val_metrics = P.validate(model, self.valid_split, self.cfg, self.pad_id, self.valid_ref,
+                                             self.cfg.val_batches)
         model.train()
         return v
+
+    def _reference(self, model) -> None:
+        """The reference log-probs of every train and valid sample, once (see train/preference.py)."""
+        t0 = time.perf_counter()
+        kw = dict(batch_size=self.cfg.batch_size, pad_multiple=self.cfg.pad_multiple, pad_id=self.pad_id,
+                  tensors=self.ref_tensors)
+        self.batches.ref = P.reference_logps(model, self.train_split, **kw)
+        if self.valid_split is not None:
+            self.valid_ref = P.reference_logps(model, self.valid_split, **kw)
+        which = f"the adapter {self.cfg.init_adapter} frozen" if self.ref_tensors else "the base (adapter off)"
+        self.progress.note(f"reference: {which}; log-probs of {len(self.batches.ref)} train samples computed in "
+                           f"{time.perf_counter() - t0:.1f}s")
 
     # -- files --------------------------------------------------------------------
     def _extra(self, st: TrainerState, **final) -> dict:
         final.setdefault("base_shapes", self.base_info["shapes"])
         final.setdefault("base_content", self.base_info["content"])
+        final.setdefault("method", self.cfg.method_params())
+        if st.method_log:
+            final.setdefault("method_log", st.method_log)
+        if self.metrics:  # the last step's (training batch), and validation's at step 0 and at the end
+            final.setdefault("method_metrics", self.metrics)
+        for key, attr in (("val_method_metrics_start", "first_val_metrics"), ("val_method_metrics", "val_metrics")):
+            if getattr(self, attr, None):
+                final.setdefault(key, getattr(self, attr))
         if self.early_stopped:
             final.update(early_stopped_at=st.step, best_step=st.best_step, best_val_loss=st.best_val)
         split = self.train_split
         template = {"source": split.template, "template": split.template_text} if split.template else None
-        return {"train_config": _jsonable(asdict(self.cfg)), "chat_template": template,
+        return {"train_config": jsonable(asdict(self.cfg)), "chat_template": template,
                 "run_record": run_record(self.base, self.files, {"train": self.train_split, "valid": self.valid_split},
                                          self.cfg, st, resumed_from=self.resume, **final)}
 
@@ -285,39 +383,13 @@ class Trainer:
         return st
 
 
-def _copy_tree(tree):
-    """A new container tree holding the same (immutable) arrays."""
-    if isinstance(tree, dict):
-        return {k: _copy_tree(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_copy_tree(v) for v in tree]
-    return tree
-
-
-def _assign_tree(dst, src):
-    """Write src's leaves into dst's containers in place (compiled steps hold dst itself)."""
-    items = dst.items() if isinstance(dst, dict) else enumerate(dst)
-    for k, v in list(items):
-        if isinstance(v, (dict, list)):
-            _assign_tree(v, src[k])
-        else:
-            dst[k] = src[k]
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.generic,)):
-        return obj.item()
-    return obj
-
-
 def train(cfg: TrainConfig, base: Base | None = None, resume: str | None = None, console=None,
           callbacks=()) -> TrainResult:
     """Train an adapter as configured; returns a summary. Raises MlxloraError subclasses on bad input.
 
     callbacks: functions called with the TrainerState after every optimizer step.
     """
-    return Trainer(cfg, base=base, resume=resume, console=console, callbacks=callbacks).run()
+    check_trackers(cfg)
+    trainer = Trainer(cfg, base=base, resume=resume, console=console, callbacks=callbacks)
+    with report_to(trainer):  # --report-to: wandb / mlflow / tensorboard / trackio (train/trackers.py)
+        return trainer.run()

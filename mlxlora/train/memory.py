@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..config import TrainConfig
+from ..errors import ModelError
 from ..lora.quant import on_cpu
 from ..models import Base
 from ..plan import human, plan_training
@@ -16,7 +17,8 @@ def memory_warning(cfg: TrainConfig, base: Base, seq_len: int) -> str | None:
         plan = plan_training(str(base.path), cfg.lora, quantize=None if pre_quantized else cfg.quantize,
                              group_size=cfg.q_group_size, batch_size=cfg.batch_size, max_seq_length=seq_len,
                              grad_checkpoint=cfg.grad_checkpoint, grad_accum=cfg.grad_accum,
-                             compute_dtype=cfg.dtype or ("float32" if on_cpu() else None))
+                             compute_dtype=cfg.dtype or ("float32" if on_cpu() else None),
+                             method=cfg.preference.method)
     except Exception:  # the planner is advice: never a reason not to train
         return None
     if plan.fits is not False:
@@ -30,3 +32,73 @@ def memory_warning(cfg: TrainConfig, base: Base, seq_len: int) -> str | None:
     return (f"warning: predicted peak memory {human(plan.peak_bytes)} exceeds the {human(plan.memory_bytes)} "
             f"available ({plan.memory_source}); training may run out of memory. Try: {', '.join(fixes)} "
             "(mlxlora plan shows the estimate)")
+
+
+def _plan_kwargs(cfg: TrainConfig, base: Base) -> dict:
+    pre_quantized = bool(base.config.get("quantization"))
+    return dict(quantize=None if pre_quantized else cfg.quantize, group_size=cfg.q_group_size,
+                grad_accum=cfg.grad_accum, compute_dtype=cfg.dtype or ("float32" if on_cpu() else None))
+
+
+def auto_fit(cfg: TrainConfig, base: Base) -> tuple[TrainConfig, str]:
+    """--auto-fit: cfg with the planner's largest --batch-size, --grad-checkpoint when needed and, when not
+    even a batch of 1 fits, the longest --max-seq-length that does, for the memory the run may use
+    (--memory-limit, else the machine's). --grad-accum grows so the effective batch stays at least the
+    one asked for. Returns (new cfg, a line saying what was chosen)."""
+    from dataclasses import replace
+
+    from ..plan import suggest_fit
+
+    memory = int(cfg.memory_limit * 2**30) if cfg.memory_limit else None
+    fit = suggest_fit(str(base.path), cfg.lora, memory_bytes=memory, max_seq_length=cfg.max_seq_length,
+                      **_plan_kwargs(cfg, base))
+    if fit.batch_size == 0:
+        raise ModelError(f"--auto-fit: not even a batch of 1 x 64 tokens fits in {human(fit.plan.memory_bytes)}; "
+                         "add --quantize 4 or adapt fewer layers (--target, --layers)")
+    accum = max(cfg.grad_accum, -(-cfg.batch_size * cfg.grad_accum // fit.batch_size))
+    new = replace(cfg, batch_size=fit.batch_size, grad_checkpoint=fit.grad_checkpoint or cfg.grad_checkpoint,
+                  max_seq_length=fit.max_seq_length, grad_accum=accum)
+    line = (f"auto-fit: --batch-size {new.batch_size} --grad-accum {new.grad_accum}"
+            f"{' --grad-checkpoint' if new.grad_checkpoint else ''} --max-seq-length {new.max_seq_length} "
+            f"(predicted peak {human(fit.plan.peak_bytes)} of {human(fit.plan.memory_bytes)})")
+    return new, line
+
+
+class MemoryGuard:
+    """Stops a run before MLX's memory passes `limit_bytes`. After every step it reads MLX's peak (never
+    reset: benchmarks read it too) and keeps the peak above the memory held before training per token of
+    the largest micro-batch so far; before a step it predicts that step's peak from it (activations grow
+    with B x L). `check` returns why to stop, or None."""
+
+    def __init__(self, limit_bytes: int):
+        import mlx.core as mx
+
+        self.limit, self.static = limit_bytes, mx.get_active_memory()
+        self.per_token, self.max_tokens = 0.0, 0
+
+    def check(self, batches, after: bool) -> str | None:
+        import mlx.core as mx
+
+        tokens = max(b[0].size for b in batches)
+        if after:
+            peak = mx.get_peak_memory()
+            self.max_tokens = max(self.max_tokens, tokens)
+            self.per_token = (peak - self.static) / self.max_tokens
+            if peak > self.limit:
+                return f"the peak memory {human(peak)} passed --memory-limit {human(self.limit)}"
+            return None
+        predicted = self.static + self.per_token * tokens
+        if predicted > self.limit:
+            shapes = " + ".join(f"{b[0].shape[0]} x {b[0].shape[1]}" for b in batches)
+            return (f"the next batch ({shapes} tokens) is predicted to peak at {human(predicted)}, "
+                    f"over --memory-limit {human(self.limit)}")
+        return None
+
+
+def resume_hint(cfg: TrainConfig, run_dir) -> str:
+    """The one command that resumes a run stopped by the memory guard at half the batch (same effective batch)."""
+    if cfg.batch_size > 1:
+        return (f"mlxlora train --resume {run_dir} --batch-size {cfg.batch_size // 2} "
+                f"--grad-accum {cfg.grad_accum * 2}")
+    flags = "" if cfg.grad_checkpoint else " --grad-checkpoint"
+    return f"mlxlora train --resume {run_dir}{flags or f' --max-seq-length {max(64, cfg.max_seq_length // 2)}'}"

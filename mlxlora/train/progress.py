@@ -44,9 +44,12 @@ class Progress:
             self._bar.start()
             self._task = self._bar.add_task("train", total=total, completed=done)
 
-    def update(self, st, loss: float, val: float | None, tps: float, report: bool) -> None:
+    def update(self, st, loss: float, val: float | None, tps: float, report: bool, extra: str = "") -> None:
+        """extra: the method's metrics (preference: reward accuracy, margin, chosen/rejected log-probs)."""
         peak = mx.get_peak_memory()
         text = f"step {st.step}/{self.total} · epoch {st.epoch + 1} · loss {loss:.4f}"
+        if extra:
+            text += f" · {extra}"
         last_val = st.val_log[-1][1] if st.val_log else None
         if last_val is not None:
             text += f" · val {last_val:.4f}"

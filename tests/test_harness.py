@@ -1,0 +1,111 @@
+"""`mlxlora eval --tasks`: the lm-eval model class over mlxlora's base (and unfused adapters) against lm-eval's own
+`hf` model on the same tiny transformers model, on three local tasks (tests/data/lmeval: multiple choice,
+rolling log-likelihood, generate_until): equal accuracy and answers, log-likelihoods within 1e-4."""
+
+from pathlib import Path
+
+import pytest
+
+import tiny
+from mlxlora.config import BenchmarkConfig, LoraConfig
+from mlxlora.errors import ConfigError
+from mlxlora.evaluate.harness import check_tasks, evaluate_lm, make_lm, run_tasks, task_manager
+from mlxlora.models import load_base
+
+pytestmark = pytest.mark.peer
+TASKS = Path(__file__).parent / "data" / "lmeval"
+NAMES = ["mlxlora_tiny_mc", "mlxlora_tiny_text", "mlxlora_tiny_qa"]
+TOL = 1e-4
+
+
+@pytest.fixture
+def in_tasks(monkeypatch):
+    monkeypatch.chdir(TASKS)  # the task YAMLs name their data files relative to the folder lm-eval runs in
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _loglikelihoods(results):
+    """{task: [per-request response values]} from lm-eval's per-sample logs."""
+    out = {}
+    for task, samples in results["samples"].items():
+        out[task] = [r for s in sorted(samples, key=lambda s: s["doc_id"]) for r in s["resps"]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_results(tiny_dirs, tmp_path_factory):
+    """lm-eval's own hf model on the tiny llama (float32, CPU) over the three tasks."""
+    import os
+
+    from lm_eval.models.huggingface import HFLM
+
+    here = os.getcwd()
+    os.chdir(TASKS)
+    try:
+        cfg = BenchmarkConfig(tasks=NAMES, include_path=str(TASKS))
+        hf = HFLM(pretrained=str(tiny_dirs["llama"]), device="cpu", dtype="float32", batch_size=4)
+        return evaluate_lm(hf, cfg)
+    finally:
+        os.chdir(here)
+
+
+def test_mlx_lm_matches_lm_evals_hf_model(tiny_dirs, hf_results, in_tasks):
+    cfg = BenchmarkConfig(tasks=NAMES, include_path=str(TASKS))
+    ours = evaluate_lm(make_lm(load_base(str(tiny_dirs["llama"])), batch_size=3), cfg)
+    for task in NAMES:
+        mine, theirs = ours["results"][task], hf_results["results"][task]
+        for key, value in theirs.items():
+            if isinstance(value, float) and "stderr" not in key:
+                tol = 0 if key.startswith(("acc", "exact_match")) else 1e-4 * max(1.0, abs(value))
+                assert mine[key] == pytest.approx(value, abs=tol), (task, key)
+    a, b = _loglikelihoods(ours), _loglikelihoods(hf_results)
+    n = 0
+    for task in NAMES:
+        assert len(a[task]) == len(b[task]) > 0
+        for x, y in zip(a[task], b[task]):
+            x, y = x[0], y[0]
+            if isinstance(y, str):  # generate_until: the same greedy answer
+                assert x == y, task
+            elif isinstance(y, (list, tuple)):  # loglikelihood: (log p, is greedy)
+                assert x[0] == pytest.approx(y[0], abs=TOL) and bool(x[1]) == bool(y[1]), task
+            else:  # loglikelihood_rolling: one log p per document
+                assert x == pytest.approx(y, abs=TOL), task
+            n += 1
+    print(f"{n} requests: mlxlora's lm-eval model == lm-eval's hf model (log-likelihoods within {TOL})")
+
+
+def test_adapters_in_one_table_and_unfused(tiny_dirs, tmp_path, in_tasks):
+    src = tiny_dirs["llama"]
+    adapter = tiny.make_adapter(src, tmp_path / "qv", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=3,
+                                size=0.3)
+    cfg = BenchmarkConfig(tasks=["mlxlora_tiny_mc", "mlxlora_tiny_text"], include_path=str(TASKS))
+    rows = run_tasks(load_base(str(src)), {"qv": str(adapter)}, cfg)
+    from mlxlora.inference import load_with_adapter
+
+    alone = evaluate_lm(make_lm(load_with_adapter(str(src), str(adapter))), cfg)["results"]
+    bare = evaluate_lm(make_lm(load_base(str(src))), cfg)["results"]
+    by = {(r["task"], r["metric"]): r["values"] for r in rows}
+    assert by[("mlxlora_tiny_mc", "acc")]["qv"] == alone["mlxlora_tiny_mc"]["acc,none"]
+    assert by[("mlxlora_tiny_mc", "acc")]["base"] == bare["mlxlora_tiny_mc"]["acc,none"]
+    ppl = by[("mlxlora_tiny_text", "word_perplexity")]
+    assert ppl["qv"] == pytest.approx(alone["mlxlora_tiny_text"]["word_perplexity,none"], rel=1e-5)
+    assert ppl["base"] == pytest.approx(bare["mlxlora_tiny_text"]["word_perplexity,none"], rel=1e-5)
+    assert ppl["qv"] != pytest.approx(ppl["base"], rel=1e-3)  # the adapter is really on
+
+
+def test_eval_tasks_cli(tiny_dirs, in_tasks, cli):
+    src = tiny_dirs["llama"]
+    res = cli("eval", "--tasks", "mlxlora_tiny_mc", "--include-path", TASKS, "--model", src, "--limit", 4)
+    assert res.exit_code == 0, res.output
+    assert "mlxlora_tiny_mc" in res.output and "acc_norm" in res.output and "base" in res.output
+    tiny.one_line_error(cli("eval", "--tasks", "no_such_task", "--include-path", TASKS, "--model", src),
+                        "lm-eval has no task 'no_such_task'", "--include-path")
+    tiny.one_line_error(cli("eval", "--tasks", "mlxlora_tiny_mc", "--model", src, "--data", TASKS),
+                        "--data is not read with --tasks")
+
+
+def test_unknown_task_is_named_before_loading(in_tasks):
+    cfg = BenchmarkConfig(tasks=["mlxlora_tiny_mc", "nope"], include_path=str(TASKS))
+    with pytest.raises(ConfigError, match="no task 'nope'"):
+        check_tasks(cfg, task_manager(cfg))
