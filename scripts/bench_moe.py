@@ -7,14 +7,16 @@ are QuantizedSwitchLinear), trained on fixed-length text with the same adapted l
 trainers: the attention projections and the experts' gate/up/down (named explicitly: mlx-lm's
 default keys would also adapt the router, mlxlora's all-linear does not). Each run is its own
 process (scripts/bench_worker.py), both with the fast BLAS preloaded; runs alternate, warm-up steps
-are excluded, the median over repeats is reported with the mlxlora / mlx-lm ratio of tokens/s and
-of peak memory. Timings on a shared machine are noisy: the ratio is the result.
+are excluded, the median over repeats is reported with the mlxlora / mlx-lm ratio of tokens/s, of
+tokens per CPU-second (the process's CPU time, all threads: on a shared machine wall time also counts
+the time other jobs held the cores) and of peak memory. The ratios are the result.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -58,7 +60,11 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default="bench-moe")
+    ap.add_argument("--blas-threads", type=int, help="OpenBLAS threads of both trainers (default: as the CLI sets "
+                    "them); 1 keeps BLAS threads of one run from spinning against other jobs on a shared machine")
     args = ap.parse_args()
+    if args.blas_threads:
+        os.environ["OPENBLAS_NUM_THREADS"] = str(args.blas_threads)
     out = Path(args.out)
     models, train = make_models(out), make_data(out / "data")
     results = {}
@@ -69,15 +75,20 @@ def main():
         for _ in range(args.repeats):
             for trainer in runs:  # alternate, so drift on the machine hits both
                 runs[trainer].append(run(dict(spec, trainer=trainer), blas=True))
-        med = {t: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "peak_memory")}
+        med = {t: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "tokens_per_cpu_s", "peak_memory")}
                for t, rs in runs.items()}
+        med["mlxlora"]["plan_ratio"] = statistics.median(r["plan_ratio"] for r in runs["mlxlora"])
         results[case] = med
         ours, theirs = med["mlxlora"], med["mlx-lm"]
-        print(f"{case:8s} mlxlora {ours['tokens_per_s']:8.0f} tok/s {ours['peak_memory'] / 2**20:7.1f} MiB | "
-              f"mlx-lm {theirs['tokens_per_s']:8.0f} tok/s {theirs['peak_memory'] / 2**20:7.1f} MiB | "
-              f"ratio tok/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
-              f"peak {ours['peak_memory'] / theirs['peak_memory']:.2f}x", flush=True)
-    info = {"machine": f"{platform.system()} {platform.machine()}", "shape": SHAPE, "targets": TARGETS,
+        print(f"{case:8s} mlxlora {ours['tokens_per_s']:6.0f} tok/s ({ours['tokens_per_cpu_s']:6.0f} per CPU-s) "
+              f"{ours['peak_memory'] / 2**20:6.1f} MiB | mlx-lm {theirs['tokens_per_s']:6.0f} tok/s "
+              f"({theirs['tokens_per_cpu_s']:6.0f} per CPU-s) {theirs['peak_memory'] / 2**20:6.1f} MiB | ratio tok/s "
+              f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, per CPU-s "
+              f"{ours['tokens_per_cpu_s'] / theirs['tokens_per_cpu_s']:.2f}x, peak "
+              f"{ours['peak_memory'] / theirs['peak_memory']:.2f}x; planned/measured peak {ours['plan_ratio']:.2f}",
+              flush=True)
+    info = {"machine": f"{platform.system()} {platform.machine()}", "blas_threads": args.blas_threads,
+            "shape": SHAPE, "targets": TARGETS,
             "rank": 8, "batch": [4, 128], "steps": args.steps, "repeats": args.repeats, "results": results}
     (out / "bench_moe.json").write_text(json.dumps(info, indent=2) + "\n")
 

@@ -44,7 +44,8 @@ def run_mlxlora(spec: dict, out: Path) -> dict:
         loop.model_chunk_rows = lambda *a, **k: 0
     base = load_base(spec["model"])
     n_params = sum(v.size for _, v in _float_sizes(base.model))
-    trainer = Trainer(cfg, base=base, callbacks=[lambda st: marks.append((time.perf_counter(), st.tokens))])
+    trainer = Trainer(cfg, base=base, callbacks=[lambda st: marks.append((time.perf_counter(), st.tokens,
+                                                                          time.process_time()))])
     shapes = _record_batches(trainer.batches)
     mx.reset_peak_memory()
     trainer.run()
@@ -123,7 +124,7 @@ def run_mlx_lm(spec: dict, out: Path) -> dict:
 
     class Marks(TrainingCallback):
         def on_train_loss_report(self, info):
-            marks.append((time.perf_counter(), sum(tokens_per_batch[:info["iteration"]])))
+            marks.append((time.perf_counter(), sum(tokens_per_batch[:info["iteration"]]), time.process_time()))
 
     total = spec["warmup"] + spec["steps"]
     args = T.TrainingArgs(batch_size=spec["batch_size"], iters=total, steps_per_report=1, steps_per_eval=10 ** 6,
@@ -137,11 +138,14 @@ def run_mlx_lm(spec: dict, out: Path) -> dict:
 
 
 def _summary(marks, warmup, peak, pad, n_params, packed=False) -> dict:
-    (t0, k0), (t1, k1) = marks[warmup - 1], marks[-1]
+    (t0, k0, c0), (t1, k1, c1) = marks[warmup - 1], marks[-1]
     tps = (k1 - k0) / (t1 - t0)
     # LoRA training FLOPs per token ~ 4 x (float-equivalent base parameters): forward 2N, backward
     # through the frozen weights 2N (no weight gradients); the adapter and attention add a little.
+    # CPU seconds of this process (all its threads): on a shared machine, wall time also counts the
+    # time other jobs held the cores; CPU time does not.
     return {"tokens_per_s": tps, "tokens": k1 - k0, "seconds": t1 - t0, "peak_memory": peak,
+            "tokens_per_cpu_s": (k1 - k0) / max(c1 - c0, 1e-9), "cpu_seconds": c1 - c0,
             "pad_fraction": pad, "packed": packed, "gflops": 4 * n_params * tps / 1e9, "sgemm_peak": sgemm_peak()}
 
 

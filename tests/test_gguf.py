@@ -240,16 +240,18 @@ def test_mixed_types_keep_native_quants(tmp_path, bpe):
                                  return_config=True)
     layer = loaded.model.layers[0]
     assert (layer.self_attn.q_proj.bits, layer.self_attn.k_proj.bits, layer.self_attn.v_proj.bits) == (4, 4, 8)
-    assert layer.mlp.down_proj.bits == 4 and loaded.lm_head.bits == 8  # Q4_K exact, Q6_K re-quantized
+    assert layer.mlp.down_proj.bits == 4  # Q4_K: exact codes
+    assert type(loaded.lm_head) is nn.Linear and loaded.lm_head.weight.dtype == mx.float16  # Q6_K: float16
     assert type(loaded.model.embed_tokens) is nn.Embedding and layer.mlp.up_proj.weight.dtype == mx.bfloat16
     q = cfg["quantization"]
-    assert (q["bits"], q["group_size"], q["lm_head"]) == (4, 32, {"group_size": 32, "bits": 8})
+    assert (q["bits"], q["group_size"], q["lm_head"]) == (4, 32, False)
     assert q["model.layers.1.self_attn.o_proj"] == {"group_size": 32, "bits": 8}
     assert q["model.layers.1.mlp.up_proj"] is False
     assert np.abs(_logits(loaded, ids) - _logits(model, ids)).max() <= 1e-2
     loaded, _ = mlx_lm.load(str(convert_gguf(tmp_path / "mixed.gguf", tmp_path / "q8", quantize_bits=8)))
     layer = loaded.model.layers[0]
     assert (loaded.model.embed_tokens.bits, layer.mlp.up_proj.bits, layer.self_attn.q_proj.bits) == (8, 8, 4)
+    assert loaded.lm_head.bits == 8  # the float16 Q6_K head too
 
 
 @pytest.mark.peer
@@ -278,8 +280,8 @@ EVERY = {"token_embd": "Q5_K", "attn_q": "Q5_0", "attn_k": "Q5_1", "attn_v": "IQ
 
 @pytest.mark.peer
 def test_every_block_type_in_one_file(tmp_path, bpe):
-    """Exact types keep their codes (5-bit Q5_*, 8-bit IQ4_*); Q2_K/Q3_K/Q6_K are re-quantized,
-    or kept float16 with keep_float. Logits are those of the float model holding gguf-py's
+    """Exact types keep their codes (5-bit Q5_*, 8-bit IQ4_*); Q2_K/Q3_K/Q6_K are kept float16
+    (the default) or re-quantized with keep_float=False. Logits are those of the float model holding gguf-py's
     dequantized values (logits reach ~2.7): to float16 compute with keep_float (0.0018 seen),
     plus the re-quantization of random 16-value sub-blocks, a hard case (0.042 seen)."""
     import mlx_lm
@@ -290,13 +292,13 @@ def test_every_block_type_in_one_file(tmp_path, bpe):
     model.load_weights([(k, mx.array(v)) for k, v in held.items()])
     ids = encode(TEXTS[1])
     want = _logits(model, ids)
-    loaded, _ = mlx_lm.load(str(convert_gguf(tmp_path / "all.gguf", tmp_path / "mlx")))
+    loaded, _ = mlx_lm.load(str(convert_gguf(tmp_path / "all.gguf", tmp_path / "mlx", keep_float=False)))
     a, m = loaded.model.layers[0].self_attn, loaded.model.layers[0].mlp
     assert (loaded.model.embed_tokens.bits, a.q_proj.bits, a.k_proj.bits, a.v_proj.bits, a.o_proj.bits,
             m.gate_proj.bits, m.up_proj.bits, m.down_proj.bits, loaded.lm_head.bits) == (5, 5, 5, 8, 8, 4, 5, 8, 4)
     requantized = np.abs(_logits(loaded, ids) - want).max()
     assert requantized <= 5e-2
-    loaded, _ = mlx_lm.load(str(convert_gguf(tmp_path / "all.gguf", tmp_path / "float", keep_float=True)))
+    loaded, _ = mlx_lm.load(str(convert_gguf(tmp_path / "all.gguf", tmp_path / "float")))  # the default
     m = loaded.model.layers[0].mlp
     assert all(type(x) is nn.Linear and x.weight.dtype == mx.float16 for x in (m.gate_proj, m.up_proj, m.down_proj))
     assert loaded.lm_head.bits == 4
@@ -461,18 +463,18 @@ def test_demo_model_matches_transformers_gguf_loader():
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
-def test_cli_convert_keep_float(tmp_path, bpe):
-    """`mlxlora convert --model x.gguf --keep-float`: Q6_K comes in as float16, not 8-bit groups."""
+def test_cli_convert_requantize(tmp_path, bpe):
+    """`mlxlora convert --model x.gguf --requantize`: Q6_K comes in as 8-bit groups, not float16."""
     _, tok = bpe
     model, config = _tiny_model("llama", len(tok["tokens"]), hidden_size=256, intermediate_size=256)
     _write_gguf(tmp_path / "m.gguf", "llama", config, model, tok, _mixed_types())
-    for flag, want in (([], {"group_size": 32, "bits": 8}), (["--keep-float"], False)):
+    for flag, want in (([], False), (["--requantize"], {"group_size": 32, "bits": 8})):
         out = tmp_path / f"out{len(flag)}"
         res = tiny.run_cli("convert", "--model", tmp_path / "m.gguf", "--out", out, *flag)
         assert res.exit_code == 0, res.output
         assert json.loads((out / "config.json").read_text())["quantization"]["lm_head"] == want
-    res = tiny.run_cli("convert", "--model", tmp_path / "out0", "--out", tmp_path / "x", "--keep-float")
-    tiny.one_line_error(res, "--keep-float", ".gguf")
+    res = tiny.run_cli("convert", "--model", tmp_path / "out0", "--out", tmp_path / "x", "--requantize")
+    tiny.one_line_error(res, "--requantize", ".gguf")
     assert not (tmp_path / "x").exists()
 
 

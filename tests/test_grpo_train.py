@@ -133,3 +133,21 @@ def test_prompt_plan_covers_each_epoch_and_resumes_where_it_stopped():
     saved = TrainerState(epoch=st.epoch, batch_in_epoch=st.batch_in_epoch)
     again = PromptPlan(rows, batch_size=2, grad_accum=2, seed=5)
     assert [r.line for r in again.next(saved)[0]] == [r.line for r in plan.next(st)[0]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_completion_logps_project_only_completion_rows_yet_equal_full_logits(tiny_dirs, arch):
+    """Untied head, tied embedding head and a soft-capped head: the head sees only the completion positions,
+    and the log-probs equal those of the full logits."""
+    from mlxlora.loss.grpo import completion_logps
+
+    model = load_base(str(tiny_dirs[arch])).model
+    ids = mx.array([[5, 17, 33, 100, 200, 7, 9], [5, 17, 33, 100, 64, 2, 1]])
+    full = model(ids[:, :-1]).astype(mx.float32)[:, 3:] / 0.7  # prompt of 4 tokens, completions of 3
+    want = mx.take_along_axis(full, ids[:, 4:, None], axis=-1)[..., 0] - mx.logsumexp(full, axis=-1)
+    got = completion_logps(model, ids, 4, temperature=0.7)
+    assert got.shape == (2, 3) and mx.abs(got - want).max().item() < 1e-5
+    from mlxlora.loss import head
+
+    with head.only_rows(mx.arange(6)):  # the head completion_logps switched on projects only selected rows
+        assert model(ids[:, :-1]).shape[:2] == (1, 6)

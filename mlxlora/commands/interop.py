@@ -34,10 +34,10 @@ def export_adapter(adapter, out, target, model, force):
 @click.option("--q-group-size", type=GROUP_SIZE, help="Group size for -q. [default: mlx-lm's, 64]")
 @click.option("--dtype", type=DTYPE,
               help="Dtype of float weights. [default: the checkpoint's]")
-@click.option("--keep-float", is_flag=True, default=None,
-              help="GGUF: import Q2_K/Q3_K/Q6_K as float16 (exact) instead of re-quantizing them to MLX groups.")
+@click.option("--requantize", is_flag=True, default=None,
+              help="GGUF: re-quantize Q2_K/Q3_K/Q6_K to MLX groups (4/5/8-bit) instead of float16 (exact).")
 @click.option("--force", is_flag=True, default=None, help="Replace an existing --out folder.")
-def convert(model, out, quantize, q_group_size, dtype, keep_float, force):
+def convert(model, out, quantize, q_group_size, dtype, requantize, force):
     """Convert a model to an MLX folder (mlx-lm's format), optionally quantized.
 
     Example: mlxlora convert --model HuggingFaceTB/SmolLM2-135M-Instruct --out smollm2-4bit -q 4
@@ -46,5 +46,5 @@ def convert(model, out, quantize, q_group_size, dtype, keep_float, force):
 
     path = convert_model(model, out, quantize=int(quantize) if quantize else None,
                          q_group_size=int(q_group_size) if q_group_size else None,
-                         dtype=dtype, force=bool(force), keep_float=keep_float)
+                         dtype=dtype, force=bool(force), requantize=requantize)
     click.echo(f"wrote {path}")

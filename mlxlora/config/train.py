@@ -117,7 +117,8 @@ class TrainConfig:
         """The method and the parameters that matter for it (run record, progress): GRPO's include its own."""
         params = self.preference.params()
         if self.preference.method == "grpo":
-            params.update({k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.grpo).items()})
+            params.update({k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.grpo).items()
+                           if k != "format_pattern" or any(r.split(":")[0] == "format" for r in self.grpo.rewards)})
         return params
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,6 +24,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import head
+
 STD_EPS = 1e-4  # TRL's: advantages = (r - mean) / (std + 1e-4)
 
 
@@ -57,8 +59,19 @@ def completion_logps(model: nn.Module, ids: mx.array, prompt_len: int, temperatu
     """(B, T) log-probs of the completion tokens ids[:, prompt_len:] under the model, logits / temperature.
 
     ids: (B, prompt_len + T), the prompt followed by each completion (padding after it is masked later).
+    The output head projects only the B * T positions that predict completion tokens (loss/head.py).
     """
-    logits = model(ids[:, :-1])[:, prompt_len - 1:]  # (B, T, V): the positions that predict the completion
+    B, L = ids.shape
+    T = L - prompt_len
+    # Only the positions that predict a completion token reach the output head (head.py): (B * T,) rows.
+    rows = (mx.arange(B)[:, None] * (L - 1) + (prompt_len - 1) + mx.arange(T)[None, :]).reshape(-1)
+    selected = head.enable(model)
+    with head.only_rows(rows if selected else None):
+        logits = model(ids[:, :-1])
+    if logits.shape[:2] == (1, B * T) and (B, L - 1) != (1, B * T):
+        logits = logits.reshape(B, T, -1)  # (B, T, V)
+    else:  # a head head.py does not recognise: full logits, cut here
+        logits = logits[:, prompt_len - 1:]
     logits = logits.astype(mx.float32) / temperature
     targets = ids[:, prompt_len:]
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]

@@ -11,12 +11,12 @@ from .load import resolve_model_path
 
 
 def convert_model(model: str, out_dir, quantize: int | None = None, q_group_size: int | None = None,
-                  dtype: str | None = None, force: bool = False, keep_float: bool | None = None) -> Path:
+                  dtype: str | None = None, force: bool = False, requantize: bool | None = None) -> Path:
     """An MLX model folder from a transformers folder / hub id (mlx-lm's convert) or a .gguf file.
 
     quantize: bits (2-8); q_group_size and dtype go to mlx-lm (its defaults when None). GGUF files go
-    through `mlxlora.models.gguf.convert_gguf` (group size 32, no dtype; `keep_float` imports
-    Q2_K/Q3_K/Q6_K as float16 instead of re-quantizing them). Atomic; an existing
+    through `mlxlora.models.gguf.convert_gguf` (group size 32, no dtype; `requantize`
+    re-quantizes Q2_K/Q3_K/Q6_K to MLX groups instead of keeping them float16). Atomic; an existing
     non-empty `out_dir` is replaced only with `force`. Raises ModelError.
     """
     check_disjoint(out_dir, {"--model": model}, flag="--out", error=ModelError)
@@ -26,9 +26,9 @@ def convert_model(model: str, out_dir, quantize: int | None = None, q_group_size
             raise ModelError(f"{' and '.join(given)}: not used for a .gguf model (GGUF blocks are 32 wide, "
                              "weights keep their type); drop them")
         return Path(convert_gguf(model, out_dir, force=bool(force), quantize_bits=quantize, flag="--out",
-                                 keep_float=bool(keep_float)))
-    if keep_float is not None:
-        raise ModelError("--keep-float: only used for a .gguf --model (its Q2_K/Q3_K/Q6_K tensors); drop it")
+                                 keep_float=not requantize))
+    if requantize is not None:
+        raise ModelError("--requantize: only used for a .gguf --model (its Q2_K/Q3_K/Q6_K tensors); drop it")
     from mlx_lm.convert import convert
 
     src = resolve_model_path(str(model))

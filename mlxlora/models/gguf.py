@@ -44,12 +44,13 @@ def unpermute_rows(rows: int, n_head: int) -> np.ndarray:
 
 
 def convert_gguf(gguf_path, out_dir, force: bool = False, quantize_bits: int | None = None,
-                 flag: str | None = None, keep_float: bool = False) -> Path:
+                 flag: str | None = None, keep_float: bool = True) -> Path:
     """Write the MLX folder (config.json, model.safetensors, tokenizer files) for a GGUF file.
 
     Supports the general.architecture values in gguf_arch.ARCHS. `quantize_bits` (2-8) re-quantizes
-    weights that come out as float (group size 32). `keep_float` imports the types with no
-    exact MLX form (Q2_K, Q3_K, Q6_K) as float16 instead of re-quantizing them. Raises ModelError for a missing,
+    weights that come out as float (group size 32). `keep_float` (default) imports the types
+    with no exact MLX form (Q2_K, Q3_K, Q6_K) as float16; False re-quantizes them to MLX groups
+    (smaller, but llama.cpp's own logits then drift further: up to ~1 nat seen on SmolLM2 Q6_K). Raises ModelError for a missing,
     truncated or unsupported file, and when `out_dir` is not empty and `force` is False;
     ConfigError for a bad `quantize_bits`.
     Returns `out_dir`. Writes into a temporary sibling folder and renames it at the end.

@@ -237,7 +237,7 @@ def _read_gguf(path: Path) -> ModelShapes:
             continue
         shape = [int(s) for s in reversed(t.shape)]
         kind = t.tensor_type.name
-        spec = import_spec(kind)
+        spec = import_spec(kind, keep_float=True)  # as convert_gguf imports by default
         if len(shape) == 2 and name.endswith(".weight"):
             module = name.rpartition(".")[0]
             mats.append(Matrix(module, "embedding" if "embed" in module else "linear", *shape,

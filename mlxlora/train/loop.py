@@ -111,7 +111,7 @@ class Trainer:
                                f"{100 * self.batches.pad_fraction:.0f}% → {100 * self.batches.packed_padding():.0f}%")
         if self.method != "sft":
             self.progress.note("method: " + ", ".join(f"{k} {v}" for k, v in cfg.method_params().items()))
-        if self.batches.pack_note:
+        if getattr(self.batches, "pack_note", None):  # SFT's BatchPlan only (pairs and prompts never pack)
             self.progress.note(self.batches.pack_note)
         if self.world > 1:
             self.progress.note(f"data parallel: {self.world} ranks × batch {cfg.batch_size} = global batch "
@@ -213,7 +213,7 @@ class Trainer:
         cfg = self.cfg
         window_tokens, window_t, bad_in_row = 0, time.perf_counter(), 0
         limit = int(cfg.memory_limit * 2**30) if cfg.memory_limit else machine_memory()[0]
-        guard = MemoryGuard(limit) if limit else None
+        guard = MemoryGuard(limit) if limit and self.method != "grpo" else None  # grpo's batches are prompts
         while st.step < total and not stop.hit:
             model.train()
             batches, real_tokens = self.batches.next(st)
