@@ -65,14 +65,17 @@ def auto_fit(cfg: TrainConfig, base: Base) -> tuple[TrainConfig, str]:
 
 
 class MemoryGuard:
-    """Stops a run before MLX's memory passes `limit_bytes`. After every step it reads MLX's peak (never
-    reset: benchmarks read it too) and keeps the peak above the memory held before training per token of
-    the largest micro-batch so far; before a step it predicts that step's peak from it (activations grow
-    with B x L). `check` returns why to stop, or None."""
+    """Stops a run before MLX's memory passes `limit_bytes`. After every step it reads MLX's peak and keeps
+    the peak above the memory held before training per token of the largest micro-batch so far; before a
+    step it predicts that step's peak from it (activations grow with B x L). `check` returns why to stop, or
+    None. MLX's peak is process-wide, so it is reset when the guard starts: an earlier run or load in the
+    same process (the Python API, a test session) must not count as this run's (a benchmark reading the
+    peak after the run gets this run's)."""
 
     def __init__(self, limit_bytes: int):
         import mlx.core as mx
 
+        mx.reset_peak_memory()
         self.limit, self.static = limit_bytes, mx.get_active_memory()
         self.per_token, self.max_tokens = 0.0, 0
 
