@@ -5,7 +5,7 @@ For each prompt of examples/devil (the first --train rows of train.jsonl, and th
 test.jsonl as the held-out set), the base model SmolLM2-135M-Instruct (4-bit, `mlxlora.models.demo`, no adapter) writes its own
 definition once, greedily, through its chat template (as `mlxlora generate` does). Rows whose generation is
 empty or equal to Bierce's text are skipped. Writes train.jsonl and valid.jsonl here with rows
-{"prompt", "chosen", "rejected"}; the committed files were made with the defaults.
+{"prompt", "chosen", "rejected"}; the committed files were made with --train 32 --valid 12 --max-tokens 32.
 
 usage: python examples/preference/make_pairs.py [--train 64] [--valid 24] [--max-tokens 48] [--out DIR]
 """
