@@ -16,12 +16,28 @@ from ..loss.tokens import to_batch
 from .checkpoint import TrainerState
 
 
-class BatchPlan:
+class EpochCursor:
+    """Walks a plan's global batches (self.plan(epoch)) the way a resumed run repeats exactly."""
+
+    _order = _order_epoch = None
+
+    def take(self, st: TrainerState) -> list:
+        """The next global batch; advances `st`, into the next epoch when this one is used up."""
+        while True:
+            if self._order_epoch != st.epoch:
+                self._order, self._order_epoch = self.plan(st.epoch), st.epoch
+            if st.batch_in_epoch < len(self._order):
+                break
+            st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+        st.batch_in_epoch += 1
+        return self._order[st.batch_in_epoch - 1]
+
+
+class BatchPlan(EpochCursor):
     def __init__(self, cfg, split: D.Split, model_type: str | None, pad_id: int, rank: int = 0, world: int = 1):
         self.cfg, self.samples, self.pad_id = cfg, split.samples, pad_id
         self.rank, self.world = rank, world
         self.lengths = [len(s.ids) - 1 for s in self.samples]  # tokens a sample puts in a row
-        self._order, self._order_epoch = None, None
         self.pack_capacity = min(cfg.max_seq_length, max(self.lengths))
         refusal = P.packing_refusal(model_type)
         if cfg.pack and refusal:
@@ -55,13 +71,7 @@ class BatchPlan:
         """This rank's grad_accum micro-batches and the GLOBAL non-padding token count; advances `st`."""
         cfg, out, real = self.cfg, [], 0
         while len(out) < cfg.grad_accum:
-            if self._order_epoch != st.epoch:
-                self._order, self._order_epoch = self.plan(st.epoch), st.epoch
-            if st.batch_in_epoch >= len(self._order):
-                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-                continue
-            batch = self._order[st.batch_in_epoch]
-            st.batch_in_epoch += 1
+            batch = self.take(st)
             real += sum(self.lengths[i] for item in batch for i in (item if self.pack else [item]))
             out.append(self._collate(batch))
         return out, real

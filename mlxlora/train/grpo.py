@@ -32,10 +32,11 @@ from ..errors import ConfigError, choice_error
 from ..data.prompts import PromptRow, PromptSplit, load_prompt_split
 from ..lora.surgery import adapter_tensors, adapters_off
 from ..loss.grpo import completion_logps, group_advantages, grpo_loss_sums
+from .batches import EpochCursor
 from .rewards import Reward, parse_rewards, score
 
 
-class PromptPlan:
+class PromptPlan(EpochCursor):
     """Which prompt rows go into each GRPO step: --batch-size x --grad-accum prompts per rank and step.
 
     An epoch's order is a permutation seeded by (seed, epoch), cut into global batches of
@@ -49,7 +50,6 @@ class PromptPlan:
                  world: int = 1):
         self.rows, self.batch_size, self.grad_accum, self.seed = rows, batch_size, grad_accum, seed
         self.rank, self.world = rank, world
-        self._order, self._order_epoch = None, None
         self.pack_capacity = max(len(r.ids) for r in rows)  # the longest prompt (memory_warning adds nothing)
 
     @property
@@ -65,14 +65,7 @@ class PromptPlan:
         """This rank's prompts for one step, and 0 (tokens are known after sampling); advances `st`."""
         out = []
         for _ in range(self.grad_accum):
-            while True:
-                if self._order_epoch != st.epoch:
-                    self._order, self._order_epoch = self.plan(st.epoch), st.epoch
-                if st.batch_in_epoch < len(self._order):
-                    break
-                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-            batch = self._order[st.batch_in_epoch]
-            st.batch_in_epoch += 1
+            batch = self.take(st)
             part = batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
             out += [self.rows[i] for i in part]
         return out, 0

@@ -23,6 +23,7 @@ from ..data.preference import PreferenceSplit
 from ..loss.preference import METRICS, preference_sums, sequence_logps
 from ..loss.tokens import to_batch
 from ..lora.surgery import adapter_tensors, adapters_off
+from .batches import EpochCursor
 from .checkpoint import TrainerState
 
 
@@ -42,7 +43,7 @@ def collate_items(split: PreferenceSplit, idxs: list[int], pad_multiple: int, pa
             mx.ones((len(idxs),), dtype=mx.float32), mx.array(label))
 
 
-class PairPlan:
+class PairPlan(EpochCursor):
     """BatchPlan's counterpart for preference items (no packing: both samples of an item stay whole)."""
 
     pack = False
@@ -51,7 +52,7 @@ class PairPlan:
         self.cfg, self.split, self.pad_id, self.rank, self.world = cfg, split, pad_id, rank, world
         self.lengths = [max(len(a.ids), len(b.ids)) - 1 for a, b in split.items]
         self.pack_capacity = min(cfg.max_seq_length, max(self.lengths))
-        self._order, self._order_epoch, self.ref = None, None, None
+        self.ref = None
 
     @property
     def global_batch(self) -> int:
@@ -64,13 +65,7 @@ class PairPlan:
         """This rank's grad_accum micro-batches and the GLOBAL non-padding token count; advances `st`."""
         cfg, out, real = self.cfg, [], 0
         while len(out) < cfg.grad_accum:
-            if self._order_epoch != st.epoch:
-                self._order, self._order_epoch = self.plan(st.epoch), st.epoch
-            if st.batch_in_epoch >= len(self._order):
-                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-                continue
-            batch = self._order[st.batch_in_epoch]
-            st.batch_in_epoch += 1
+            batch = self.take(st)
             real += sum(len(s.ids) - 1 for i in batch for s in self.split.items[i])
             b = cfg.batch_size
             part = batch[self.rank * b:(self.rank + 1) * b]
