@@ -105,6 +105,22 @@ def test_nonfinite_steps_are_skipped_then_stop(model_dir, data_dir, tmp_path):
             assert float(mx.abs(v).max()) == 0.0, k
 
 
+def test_sigterm_in_a_single_process_run_checkpoints_like_ctrl_c(model_dir, data_dir, tmp_path):
+    # `kill PID` or a job scheduler's stop: the run finishes its step, checkpoints and says how to resume.
+    out, before = tmp_path / "run", signal.getsignal(signal.SIGTERM)
+
+    def terminate(st):
+        if st.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingStopped, match=r"interrupted \(SIGTERM\) at step 3/.*--resume"):
+        train(_cfg(model_dir, data_dir, out), callbacks=[terminate])
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")] == ["step-00000003"]
+    assert signal.getsignal(signal.SIGTERM) == before  # the run's handler is gone
+    train(_cfg(model_dir, data_dir, out), resume=str(out))
+    assert json.loads((out / "mlxlora.json").read_text())["run_record"]["resumed_from"] == str(out)
+
+
 def test_sigint_saves_checkpoint_and_resume_is_bit_exact(model_dir, data_dir, tmp_path):
     # Dropout on, so the resumed run must also draw the same dropout masks.
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1)

@@ -181,7 +181,7 @@ class Trainer:
             base_val = self._validate(model)
             st.val_log.append([0, base_val])
             self.first_val_metrics = getattr(self, "val_metrics", None)
-        t0, stop = time.perf_counter(), StopSignals(self.run_dir, self.rank)
+        t0, stop = time.perf_counter(), StopSignals(self.run_dir, self.rank, self.world)
         try:
             self._loop(model, optimizer, stepper, st, total, stop)
         except RuntimeError as e:
@@ -194,7 +194,7 @@ class Trainer:
         if stop.hit:
             path = self._checkpoint(model, optimizer, st)
             kept = "" if self.run_dir == self.out else f"{self.out} is unchanged; "
-            raise TrainingStopped(f"interrupted at step {st.step}/{total}; checkpoint saved to {path}; {kept}"
+            raise TrainingStopped(f"interrupted ({stop.how}) at step {st.step}/{total}; checkpoint saved to {path}; {kept}"
                                   f"continue with: mlxlora train --resume {self.run_dir}")
         if self.early_stopped:
             self._finish_early(model, st)

@@ -1,4 +1,5 @@
-"""Signals during training: Ctrl-C checkpoints and stops between steps; SIGTERM (mlx.launch) stops at once."""
+"""Signals during training: Ctrl-C, and SIGTERM in a single-process run, checkpoint and stop between steps;
+SIGTERM under several ranks (mlx.launch) stops at once."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ from .checkpoint import list_checkpoints
 class StopSignals:
     """Ctrl-C (SIGINT) becomes a flag the loop checks between steps (a second one aborts).
 
-    SIGTERM, which `mlx.launch` sends to every rank when one rank dies, ends the process at
-    once with a one-line message: checkpoints are written atomically, so the last complete
-    one is intact and resumable.
+    SIGTERM in a single-process run (`kill`, a job scheduler, a logout) does the same: the run
+    checkpoints at the end of the step and stops. Under several ranks, `mlx.launch` sends SIGTERM
+    to every rank when one rank dies, and the ring cannot finish a step: the process ends at once
+    with a one-line message (checkpoints are written atomically, so the last complete one is intact
+    and resumable). `how` records which signal stopped the run.
     """
 
-    def __init__(self, out: Path, rank: int):
-        self.hit, self.out, self.rank, self._old = False, out, rank, {}
+    def __init__(self, out: Path, rank: int, world: int = 1):
+        self.hit, self.out, self.rank, self.world, self._old = False, out, rank, world, {}
+        self.how = None
         try:
             self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._sigint)
             self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._sigterm)
@@ -29,7 +33,7 @@ class StopSignals:
     def _sigint(self, signum, frame):
         if self.hit:
             raise KeyboardInterrupt
-        self.hit = True
+        self.hit, self.how = True, "Ctrl-C"
 
     def message(self, why: str) -> str:
         ckpts = list_checkpoints(self.out / "checkpoints")
@@ -38,6 +42,11 @@ class StopSignals:
                 f"resume with: mlxlora train --resume {self.out}")
 
     def _sigterm(self, signum, frame):
+        if self.world == 1:
+            if self.hit:
+                raise KeyboardInterrupt
+            self.hit, self.how = True, "SIGTERM"
+            return
         why = "SIGTERM (under mlx.launch: another rank died or was stopped)"
         sys.stderr.write(f"Error: {self.message(why)}\n")
         sys.stderr.flush()
