@@ -108,7 +108,7 @@ def test_a_wrong_chunk_boundary_is_caught(train, tmp_path, monkeypatch):
 
 
 def test_chunk_rows_scale_with_vocab_and_memory():
-    assert chunked.chunk_rows(262_144, 16 << 30) * 262_144 <= (16 << 30) // chunked.MEMORY_SHARE // 12
+    assert chunked.chunk_rows(262_144, 16 << 30) * 262_144 <= (16 << 30) // chunked.MEMORY_SHARE // (chunked.CHUNK_COPIES * 4)
     assert chunked.chunk_rows(49_152, 16 << 30) > chunked.chunk_rows(262_144, 16 << 30)
     assert 4 * chunked.chunk_rows(262_144, 16 << 30) <= chunked.chunk_rows(262_144, 64 << 30) < 4 * (40 + 8)
     assert chunked.chunk_rows(10**9, 1 << 20) == 8
@@ -121,3 +121,28 @@ def test_token_logprobs_match_log_softmax(tmp_path):
     ref = nn.log_softmax(model(mx.array(x)).astype(mx.float32), axis=-1)
     ref = mx.take_along_axis(ref, mx.array(y)[..., None], axis=-1)[..., 0]
     np.testing.assert_allclose(np.array(lp), np.array(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use", ["train", "logprob", "eval"])
+def test_only_about_one_chunk_of_logits_is_alive_at_a_time(use):
+    # 64 chunks of 16 rows over a 50,000-token head: the full logits would be 64 chunks' worth. Before the
+    # chunks were chained (each one's hidden rows wait for the previous one's results), mlx ran them side by
+    # side and the peak grew with the number of chunks.
+    V, D, N, rows = 50_000, 32, 1024, 16
+    head = nn.Embedding(V, D)
+    head.weight = mx.random.normal((V, D)) * 0.1
+    head.freeze()
+    h, t, w = mx.random.normal((N, D)), mx.random.randint(0, V, (N,)), mx.ones((N,))
+    if use == "train":
+        fn = mx.compile(mx.value_and_grad(lambda h: chunked.masked_ce_sum(head, "as_linear", h, t, w, rows=rows)))
+    elif use == "logprob":
+        fn = mx.compile(mx.value_and_grad(lambda h: chunked.token_ce(head, "as_linear", h, t, rows=rows).sum()))
+    else:
+        fn = lambda h: chunked.token_ce(head, "as_linear", h, t, rows=rows)  # noqa: E731
+    mx.eval(head.parameters(), h, t, w)
+    static = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(fn(h))
+    chunk, small = rows * V * 4, 8 * N * D * 4  # one chunk's float32 logits; (N, D)-sized arrays
+    copies = (mx.get_peak_memory() - static - small) / chunk
+    assert copies <= chunked.CHUNK_COPIES + (3 if use == "logprob" else 0), copies
