@@ -134,3 +134,17 @@ def test_hub_id_from_the_cache_offline(tmp_path, tiny_dirs):
     res = subprocess.run([*cmd, "org/missing"], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 1 and "HF_HUB_OFFLINE is set" in res.stderr, res.stderr
     assert res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr
+
+
+def test_eval_perplexity_reads_a_datasets_folder_like_its_rows_written_by_hand(tmp_path, tiny_dirs, monkeypatch):
+    monkeypatch.setenv("MLXLORA_CACHE", str(tmp_path / "cache"))
+    src, hand = tmp_path / "alpaca", tmp_path / "hand"
+    src.mkdir()
+    hand.mkdir()
+    datasets.Dataset.from_list(ALPACA).to_parquet(str(src / "test.parquet"))
+    _jsonl(hand / "test.jsonl", [{"prompt": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else ""),
+                                  "completion": r["output"]} for r in ALPACA])
+    out = [tiny.run_cli("eval", "--model", tiny_dirs["llama"], "--data", d) for d in (src, hand)]
+    assert all(r.exit_code == 0 for r in out), [r.output for r in out]
+    lines = [[x for x in r.output.splitlines() if x.startswith("loss ")] for r in out]
+    assert lines[0] == lines[1] and len(lines[0]) == 1, lines

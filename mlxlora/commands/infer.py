@@ -61,6 +61,9 @@ def eval_cmd(model, adapters, quantize, data, ignore_base_mismatch, generate, ta
     if generate or tasks:
         return run_evaluation(model, adapters, quantize, data, generate, tasks, opts)
     perplexity_only(opts, data)
+    from ..data.sources import prepare_data
+
+    data = prepare_data(data)  # a Hub id or `datasets` folder: its splits as JSONL (data/sources.py)
 
     cfg = EvalConfig(**given(**opts))
     table = len(adapters) > 1 or any("=" in a for a in adapters)
