@@ -116,7 +116,7 @@ def _fuse(pieces: list, scale: float) -> tuple[mx.array, mx.array]:
         return got[0].lora_a, mx.concatenate([b if b is not None else mx.zeros((e, got[0].rank, w), got[0].lora_b.dtype)
                                               for b in bs], axis=2)
     a = mx.concatenate([p.lora_a for p in got], axis=2)
-    rows, k = [], 0
+    rows = []
     for p, b in zip(pieces, bs):  # block-diagonal: part i's rank meets part i's rows only
         cols = [mx.zeros((e, q.rank, w), a.dtype) if q is not p else b for q in got]
         rows.append(mx.concatenate(cols, axis=1) if p is not None else mx.zeros((e, a.shape[2], w), a.dtype))

@@ -114,7 +114,7 @@ def activation_terms(shapes: ModelShapes, adapted: list[tuple[Matrix, int]], bat
     """
     d = dims(shapes.config)
     B, L, T = batch_size, seq_len, batch_size * seq_len
-    D, I, N = d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"]
+    D, N = d["hidden_size"], d["num_hidden_layers"]
     V = next((m.rows for m in shapes.matrices if m.kind == "embedding"), d["vocab_size"])
     roles, extra, outs, first = _blocks(adapted, N, dora, per_token(shapes.config) or 1)
     reached = range(first, N)

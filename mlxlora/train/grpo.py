@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map, tree_unflatten
+from mlx.utils import tree_map
 
 from ..config.choices import number
 from ..config import TrainConfig
