@@ -49,3 +49,13 @@ def test_bad_yaml_names_line(tmp_path):
         load_config_file(f)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config_file(tmp_path / "missing.yaml")
+
+
+def test_adapter_shape_flags_with_init_adapter_are_refused_not_ignored():
+    # --init-adapter continues that adapter as saved: a --rank next to it would silently do nothing.
+    with pytest.raises(ConfigError, match=r"--init-adapter runs/sft: .*so --alpha, --rank would be ignored; drop them"):
+        build_train_config(None, {"init_adapter": "runs/sft", "rank": 32, "alpha": 64, "rank_pattern": None})
+    assert build_train_config(None, {"init_adapter": "runs/sft", "beta": 0.2}).init_adapter == "runs/sft"
+    # a checkpoint's stored config (resume) carries the lora section: that is not the user giving it
+    cfg = build_train_config(None, {}, stored={"init_adapter": "runs/sft", "lora": {"r": 8}})
+    assert cfg.init_adapter == "runs/sft"

@@ -193,6 +193,11 @@ def build_train_config(file_values: dict[str, Any] | None, flag_values: dict[str
                     except ValueError:
                         raise ConfigError(f"{where}: {key} must be a number, got {value!r}") from None
                 merged[norm] = value
+    shape = sorted(k for k in given_keys if FLAG_FIELDS.get(k, ("",))[0] == "lora")
+    if merged.get("init_adapter") and shape:  # the adapter brings its own rank, alpha, targets, ...
+        raise ConfigError(f"--init-adapter {merged['init_adapter']}: training continues that adapter as it was "
+                          f"saved (its rank, alpha, targets and dropout), so {', '.join('--' + k.replace('_', '-') for k in shape)} "
+                          "would be ignored; drop them, or train a new adapter without --init-adapter")
     kw: dict[str, dict[str, Any]] = {"lora": {}, "preference": {}, "grpo": {}, "train": {}}
     for key, value in merged.items():
         section, name = FLAG_FIELDS[key]
