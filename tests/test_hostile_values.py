@@ -249,3 +249,19 @@ def test_resume_warns_when_data_or_schedule_changed(env, tmp_path):
     assert "does not continue exactly" in text and "train data" in text and "changed" in text
     assert "--iters 4 -> 6" in text
     assert json.loads((out / "mlxlora.json").read_text())["run_record"]["steps"] == 6
+
+
+def test_resume_drift_names_the_objective_settings_of_the_method_in_use():
+    from dataclasses import asdict, replace
+
+    from mlxlora.config import PreferenceConfig, TrainConfig
+    from mlxlora.train.record import resume_drift
+
+    was = TrainConfig(model="m", data="d", preference=PreferenceConfig(method="dpo", beta=0.1))
+    record = {"train_config": asdict(was)}
+    assert resume_drift(record, was, {}) == []
+    now = replace(was, preference=replace(was.preference, beta=0.3))
+    assert resume_drift(record, now, {}) == ["--beta 0.1 -> 0.3"]
+    assert "--method dpo -> orpo" in resume_drift(record, replace(was, preference=PreferenceConfig(method="orpo")), {})
+    sft = TrainConfig(model="m", data="d")  # SFT has no objective settings: a changed --beta is not drift
+    assert resume_drift({"train_config": asdict(sft)}, replace(sft, preference=replace(sft.preference, beta=0.3)), {}) == []

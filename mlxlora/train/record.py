@@ -7,6 +7,7 @@ import sys
 import time
 from importlib import metadata
 
+from ..config.train import FLAG_FIELDS
 from ..files import file_sha256
 
 
@@ -38,6 +39,13 @@ def resume_drift(record: dict, cfg, files: dict) -> list[str]:
     for name in SCHEDULE_FIELDS:
         if name in stored and stored[name] != getattr(cfg, name):
             out.append(f"--{name.replace('_', '-')} {stored[name]} -> {getattr(cfg, name)}")
+    # the objective: --method and what matters for it (--beta, --loss-type, --group-size, ...)
+    was = {**(stored.get("grpo") or {}), **(stored.get("preference") or {})}
+    flags = {field: flag for flag, (sec, field) in FLAG_FIELDS.items() if sec in ("preference", "grpo")}
+    for name, now in cfg.method_params().items():
+        now = list(now) if isinstance(now, tuple) else now
+        if name in was and was[name] != now:
+            out.append(f"--{flags.get(name, name).replace('_', '-')} {was[name]} -> {now}")
     return out
 
 
