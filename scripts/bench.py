@@ -5,7 +5,7 @@
 Cases: (a) the real SmolLM2-135M 4-bit (from its GGUF) on the demo data; (b) a float32 base
 of the same shape on fixed-length text; (c) a variable-length chat set (48 chats, ~50-1000 tokens);
 (d) a large-vocabulary shape (scripts/bench_vocab.py): peak memory at 4 x 1024, the chunked loss's
-throughput cost, and the longest sequence each trainer fits at batch 1 in --budget-gib.
+throughput cost, and the longest sequence each trainer fits at batch 1 within each of --budgets-gib.
 Each run is its own process. mlxlora runs as the `mlxlora` command would (OpenBLAS preloaded
 on Linux); the anchor is mlx-lm as a user gets it (`mlx-lm`), and also mlx-lm with the same
 OpenBLAS preloaded (`mlx-lm+blas`) so the table separates what the BLAS gives from what our
@@ -125,8 +125,8 @@ def main():
     ap.add_argument("--max-seq-length", type=int, default=256, help="cases a and b; case c uses 4x this")
     ap.add_argument("--anchors", default="mlx-lm,mlx-lm+blas")
     ap.add_argument("--out", default=str(ROOT / "bench"))
-    ap.add_argument("--budget-gib", type=float, default=2.0, help="case d: the memory budget of the longest-sequence search")
-    ap.add_argument("--max-len", type=int, default=4096, help="case d: the longest sequence tried")
+    ap.add_argument("--budgets-gib", default="2,3,4", help="case d: memory budgets of the longest-sequence search")
+    ap.add_argument("--max-len", type=int, default=16384, help="case d: the longest sequence tried")
     args = ap.parse_args()
     out = Path(args.out)
     work = out / "work"
@@ -156,7 +156,8 @@ def main():
         if key == "d":  # scripts/bench_vocab.py: its own layout of runs
             from bench_vocab import case_d
 
-            results["d"] = case_d(run, q4, work, common, args.budget_gib, args.max_len)
+            results["d"] = case_d(run, q4, work, common, [float(b) for b in args.budgets_gib.split(",")],
+                                  args.max_len, args.repeats)
             (out / "vocab.json").write_text(json.dumps(results["d"], indent=1))
             continue
         title, spec = cases[key]
@@ -176,7 +177,7 @@ def main():
     if "d" in results:
         from bench_vocab import markdown_d
 
-        table += "\n" + markdown_d(results["d"])
+        table += "\n" + markdown_d(results["d"], args.max_len)
     (out / "results.md").write_text(table)
     print(table)
 
