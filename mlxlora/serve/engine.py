@@ -280,11 +280,6 @@ class Engine:
         except Exception as e:  # a backend failure: every caller gets it instead of waiting forever
             self._fail_all(batches, HTTPError(500, f"generation failed: {type(e).__name__}: {e}"))
             raise
-        finally:
-            # This thread's mlx streams go with it: left to process exit, their threads were sometimes
-            # destroyed while joinable ("terminate called without an active exception", exit -6).
-            mx.synchronize()
-            getattr(mx, "clear_streams", lambda: None)()
         self._fail_all(batches, HTTPError(503, "the server is shutting down"))
 
     def _admit(self, batches, BatchGenerator, stops, block: bool) -> None:
