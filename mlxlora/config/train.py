@@ -193,7 +193,7 @@ def build_train_config(file_values: dict[str, Any] | None, flag_values: dict[str
                     except ValueError:
                         raise ConfigError(f"{where}: {key} must be a number, got {value!r}") from None
                 merged[norm] = value
-    shape = sorted(k for k in given_keys if FLAG_FIELDS.get(k, ("",))[0] == "lora")
+    shape = sorted(k for k in given_keys if FLAG_FIELDS[k][0] == "lora")  # every key is known by now
     if merged.get("init_adapter") and shape:  # the adapter brings its own rank, alpha, targets, ...
         raise ConfigError(f"--init-adapter {merged['init_adapter']}: training continues that adapter as it was "
                           f"saved (its rank, alpha, targets and dropout), so {', '.join('--' + k.replace('_', '-') for k in shape)} "

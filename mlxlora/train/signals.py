@@ -22,18 +22,24 @@ class StopSignals:
     """
 
     def __init__(self, out: Path, rank: int, world: int = 1):
-        self.hit, self.out, self.rank, self.world, self._old = False, out, rank, world, {}
-        self.how = None
+        self.how, self.out, self.rank, self.world, self._old = None, out, rank, world, {}
         try:
             self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._sigint)
             self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._sigterm)
         except ValueError:  # not the main thread
             pass
 
-    def _sigint(self, signum, frame):
-        if self.hit:
+    @property
+    def hit(self) -> bool:
+        return self.how is not None
+
+    def _stop_between_steps(self, how: str):
+        if self.hit:  # a second signal aborts
             raise KeyboardInterrupt
-        self.hit, self.how = True, "Ctrl-C"
+        self.how = how
+
+    def _sigint(self, signum, frame):
+        self._stop_between_steps("Ctrl-C")
 
     def message(self, why: str) -> str:
         ckpts = list_checkpoints(self.out / "checkpoints")
@@ -43,10 +49,7 @@ class StopSignals:
 
     def _sigterm(self, signum, frame):
         if self.world == 1:
-            if self.hit:
-                raise KeyboardInterrupt
-            self.hit, self.how = True, "SIGTERM"
-            return
+            return self._stop_between_steps("SIGTERM")
         why = "SIGTERM (under mlx.launch: another rank died or was stopped)"
         sys.stderr.write(f"Error: {self.message(why)}\n")
         sys.stderr.flush()
