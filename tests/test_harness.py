@@ -50,18 +50,17 @@ def hf_results(tiny_dirs, tmp_path_factory):
         os.chdir(here)
 
 
-def test_mlx_lm_matches_lm_evals_hf_model(tiny_dirs, hf_results, in_tasks):
-    cfg = BenchmarkConfig(tasks=NAMES, include_path=str(TASKS))
-    ours = evaluate_lm(make_lm(load_base(str(tiny_dirs["llama"])), batch_size=3), cfg)
-    for task in NAMES:
-        mine, theirs = ours["results"][task], hf_results["results"][task]
-        for key, value in theirs.items():
+def _assert_same(ours, theirs, names):
+    """lm-eval's aggregate metrics equal (accuracies exactly) and every request's answer within TOL; the count."""
+    for task in names:
+        mine, hf = ours["results"][task], theirs["results"][task]
+        for key, value in hf.items():
             if isinstance(value, float) and "stderr" not in key:
                 tol = 0 if key.startswith(("acc", "exact_match")) else 1e-4 * max(1.0, abs(value))
                 assert mine[key] == pytest.approx(value, abs=tol), (task, key)
-    a, b = _loglikelihoods(ours), _loglikelihoods(hf_results)
+    a, b = _loglikelihoods(ours), _loglikelihoods(theirs)
     n = 0
-    for task in NAMES:
+    for task in names:
         assert len(a[task]) == len(b[task]) > 0
         for x, y in zip(a[task], b[task]):
             x, y = x[0], y[0]
@@ -72,7 +71,55 @@ def test_mlx_lm_matches_lm_evals_hf_model(tiny_dirs, hf_results, in_tasks):
             else:  # loglikelihood_rolling: one log p per document
                 assert x == pytest.approx(y, abs=TOL), task
             n += 1
+    return n
+
+
+def test_mlx_lm_matches_lm_evals_hf_model(tiny_dirs, hf_results, in_tasks):
+    cfg = BenchmarkConfig(tasks=NAMES, include_path=str(TASKS))
+    ours = evaluate_lm(make_lm(load_base(str(tiny_dirs["llama"])), batch_size=3), cfg)
+    n = _assert_same(ours, hf_results, NAMES)
     print(f"{n} requests: mlxlora's lm-eval model == lm-eval's hf model (log-likelihoods within {TOL})")
+
+
+def test_chat_template_matches_lm_evals_hf_model(tiny_dirs, hf_results, in_tasks):
+    """--apply-chat-template: the same prompts as lm-eval's hf model with its apply_chat_template (ChatML here),
+    one few-shot example as turns; the log-likelihoods really moved from the plain run."""
+    from lm_eval.models.huggingface import HFLM
+
+    names = ["mlxlora_tiny_mc", "mlxlora_tiny_qa"]
+    cfg = BenchmarkConfig(tasks=names, include_path=str(TASKS), apply_chat_template=True, num_fewshot=1)
+    hf = evaluate_lm(HFLM(pretrained=str(tiny_dirs["llama"]), device="cpu", dtype="float32", batch_size=4), cfg)
+    ours = evaluate_lm(make_lm(load_base(str(tiny_dirs["llama"])), batch_size=3), cfg)
+    n = _assert_same(ours, hf, names)
+    prompt = ours["samples"]["mlxlora_tiny_mc"][0]["arguments"][0][0]  # the first choice's (context, continuation)
+    assert prompt.count("<|im_start|>user") == 2 and prompt.endswith("<|im_start|>assistant\n"), prompt
+    chat, plain = _loglikelihoods(ours)["mlxlora_tiny_mc"], _loglikelihoods(hf_results)["mlxlora_tiny_mc"]
+    assert all(c[0][0] != pytest.approx(p[0][0], abs=1e-3) for c, p in zip(chat, plain))
+    print(f"{n} chat-templated requests: mlxlora == lm-eval's hf model")
+
+
+def test_chat_template_fallback_is_trainings(tiny_dirs, tmp_path):
+    """A tokenizer without a chat template: requests rendered with the fallback template, as training rendered a
+    prompt/completion row (the training text starts with the prefilled request)."""
+    import json
+    import shutil
+
+    from mlxlora.data import TokenizerInfo, render_fallback_template
+
+    src = tmp_path / "plain"
+    shutil.copytree(tiny_dirs["llama"], src)
+    tok_cfg = json.loads((src / "tokenizer_config.json").read_text())
+    del tok_cfg["chat_template"]
+    (src / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    lm = make_lm(load_base(str(src)))
+    info = TokenizerInfo.from_tokenizer(lm.tokenizer)
+    assert not info.has_template
+    turn = [{"role": "user", "content": "What is 2+2?"}]
+    trained = render_fallback_template([*turn, {"role": "assistant", "content": "4"}], info.eos_token)
+    assert lm.apply_chat_template(turn) == "### User:\nWhat is 2+2?\n\n### Assistant:\n"
+    prefilled = lm.apply_chat_template([*turn, {"role": "assistant", "content": "4"}], add_generation_prompt=False)
+    assert trained.startswith(prefilled) and prefilled.endswith("Assistant:\n4")
+    assert lm.chat_template(True).startswith("{% for message in messages %}")
 
 
 def test_adapters_in_one_table_and_unfused(tiny_dirs, tmp_path, in_tasks):
@@ -103,6 +150,8 @@ def test_eval_tasks_cli(tiny_dirs, in_tasks, cli):
                         "lm-eval has no task 'no_such_task'", "--include-path")
     tiny.one_line_error(cli("eval", "--tasks", "mlxlora_tiny_mc", "--model", src, "--data", TASKS),
                         "--data is not read with --tasks")
+    tiny.one_line_error(cli("eval", "--apply-chat-template", "--model", src, "--data", TASKS),
+                        "--apply-chat-template is only read with --tasks")
 
 
 def test_unknown_task_is_named_before_loading(in_tasks):

@@ -12,7 +12,8 @@ from .options import default, parse_adapter_specs, quantize_bits
 
 # Options that only --generate / --tasks read (name of the Click parameter -> its flag).
 GENERATE_ONLY = {"metric": "--metric", "max_tokens": "--max-tokens", "out": "--out", "force": "--force"}
-TASKS_ONLY = {"include_path": "--include-path", "limit": "--limit", "num_fewshot": "--num-fewshot"}
+TASKS_ONLY = {"include_path": "--include-path", "limit": "--limit", "num_fewshot": "--num-fewshot",
+              "apply_chat_template": "--apply-chat-template"}
 
 
 def evaluate_options(f):
@@ -32,6 +33,9 @@ def evaluate_options(f):
         click.option("--include-path", help="With --tasks: a folder of lm-eval task YAMLs of your own."),
         click.option("--limit", type=int, help="With --tasks: at most this many documents per task."),
         click.option("--num-fewshot", type=int, help="With --tasks: few-shot examples [default: the task's]."),
+        click.option("--apply-chat-template", is_flag=True,
+                     help="With --tasks: render each request as a chat (the tokenizer's template, or the fallback "
+                          "training uses), as a chat- or completion-trained adapter saw its data."),
     ]):
         f = o(f)
     return f
@@ -80,7 +84,8 @@ def run_evaluation(model, adapters, quantize, data, generate: bool, tasks, opts:
     if data is not None:
         raise ConfigError("--data is not read with --tasks (lm-eval tasks bring their data); drop it")
     cfg = BenchmarkConfig(**given(tasks=tasks, include_path=opts.get("include_path"), limit=opts.get("limit"),
-                                  num_fewshot=opts.get("num_fewshot"), batch_size=opts.get("batch_size")))
+                                  num_fewshot=opts.get("num_fewshot"), batch_size=opts.get("batch_size"),
+                                  apply_chat_template=opts.get("apply_chat_template") or None))
     return _tasks(model, specs, quantize, cfg, load_base)
 
 

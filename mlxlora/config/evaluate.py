@@ -45,7 +45,9 @@ class BenchmarkConfig:
 
     tasks: lm-eval task names. include_path: a folder of task YAMLs besides lm-eval's own. limit: at most
     this many documents per task (None: all). num_fewshot: lm-eval's (None: the task's). batch_size:
-    requests scored together. max_tokens: generate_until's cap when a task gives none.
+    requests scored together. max_tokens: generate_until's cap when a task gives none. apply_chat_template:
+    render each request as a chat (the tokenizer's template, or the fallback training uses), few-shot examples
+    as turns, as lm-eval's own --apply_chat_template does; the form a chat-trained adapter saw in training.
     """
 
     tasks: list[str] = field(default_factory=list)
@@ -54,6 +56,7 @@ class BenchmarkConfig:
     num_fewshot: int | None = None
     batch_size: int = 8
     max_tokens: int = 256
+    apply_chat_template: bool = False
 
     def __post_init__(self):
         if isinstance(self.tasks, str):

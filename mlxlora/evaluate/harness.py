@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 
 from ..config import BenchmarkConfig
+from ..data import FALLBACK_CHAT_TEMPLATE, TokenizerInfo, render_fallback_template
 from ..errors import ConfigError
 from ..serve.multi import MultiAdapterModel
 from .generative import BASE
@@ -70,6 +71,7 @@ def _build_class(TemplateLM):  # noqa: C901 - the class body reads best in one p
             self.batch_size, self.max_gen_toks = batch_size, max_gen_toks
             self.max_length = resolve_max_length(SimpleNamespace(**base.config), self.tokenizer)
             self.add_bos_token = None
+            self._info = TokenizerInfo.from_tokenizer(self.tokenizer)
 
         @property
         def eot_token_id(self) -> int:
@@ -87,6 +89,29 @@ def _build_class(TemplateLM):  # noqa: C901 - the class body reads best in one p
             if add_special_tokens is None and bos and string.startswith(bos):
                 kw["add_special_tokens"] = False
             return list(self.tokenizer.encode(string, **kw))
+
+        @property
+        def tokenizer_name(self) -> str:  # fingerprints lm-eval's request cache when chat templates are on
+            hf = getattr(self.tokenizer, "_tokenizer", self.tokenizer)
+            return str(getattr(hf, "name_or_path", "") or "mlxlora").replace("/", "__")
+
+        def chat_template(self, chat_template: bool | str = False) -> str | None:
+            """The Jinja text lm-eval records in its results (the fallback's when the tokenizer has none)."""
+            if not chat_template:
+                return None
+            return self._info.hf.chat_template if self._info.has_template else FALLBACK_CHAT_TEMPLATE
+
+        def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+            """The requests as a chat, rendered as training renders chat and completion rows (data/chat.py).
+            add_generation_prompt False: lm-eval prefills the last (assistant) message, left open."""
+            if self._info.has_template:
+                return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                          add_generation_prompt=add_generation_prompt,
+                                                          continue_final_message=not add_generation_prompt)
+            if add_generation_prompt:
+                return render_fallback_template(chat_history, self._info.eos_token, True)
+            *head, last = chat_history
+            return render_fallback_template(head, self._info.eos_token, True) + last["content"]
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
             """(sum of log p(continuation | context), whether the continuation is the greedy one) per request."""
@@ -174,6 +199,7 @@ def evaluate_lm(lm, cfg: BenchmarkConfig, manager=None) -> dict:
 
     return simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
                            task_manager=manager or task_manager(cfg), log_samples=True, bootstrap_iters=0,
+                           apply_chat_template=cfg.apply_chat_template,
                            random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
 
 
