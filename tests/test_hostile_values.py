@@ -169,6 +169,32 @@ def test_another_base_with_the_same_shapes_fails_the_weight_check(env, tmp_path)
                         "--max-tokens", 2).exit_code == 0  # its own base (loaded as float32 on CPU) passes
 
 
+def test_many_adapter_commands_check_the_base_too(env, tmp_path):
+    """eval's table, eval --generate / --tasks, chat and serve attach adapters by name on one base
+    (MultiAdapterModel): the same weight check as a single --adapter, the same --ignore-base-mismatch."""
+    from mlxlora.commands.serve import load_engine
+    from mlxlora.errors import AdapterError
+
+    root, model, data, adapter = env
+    other = tiny.make_model(tmp_path / "other", "llama", seed=1)
+    named = f"mine={adapter}"
+    runs = {
+        "eval table": ["eval", "--model", other, "--adapter", named, "--data", data, "--split", "valid"],
+        "eval --generate": ["eval", "--generate", "--model", other, "--adapter", named, "--data", data, "--split", "valid",
+                            "--max-tokens", 2, "--out", tmp_path / "report"],
+    }
+    for what, args in runs.items():
+        tiny.one_line_error(tiny.run_cli(*args), "the shapes match but the weight check failed", "--ignore-base-mismatch")
+        res = tiny.run_cli(*args, "--ignore-base-mismatch")
+        assert res.exit_code == 0, (what, res.output)
+    with pytest.raises(AdapterError, match="weight check failed"):
+        load_engine(str(other), {"mine": str(adapter)})  # serve and chat
+    load_engine(str(other), {"mine": str(adapter)}, ignore_base_mismatch=True).close()
+    load_engine(str(model), {"mine": str(adapter)}).close()  # its own base passes
+    for command in ("chat", "serve"):
+        tiny.one_line_error(tiny.run_cli(command, "--model", other, "--adapter", named), "weight check failed")
+
+
 # ------------------------------------------------------------------ 4. chat data and odd files
 
 def test_chat_rows_without_a_template_warn_and_generation_uses_the_recorded_one(env, tmp_path):

@@ -60,7 +60,8 @@ def _metrics(values) -> list[str] | None:
     return names or None
 
 
-def run_evaluation(model, adapters, quantize, data, generate: bool, tasks, opts: dict) -> None:
+def run_evaluation(model, adapters, quantize, data, generate: bool, tasks, opts: dict,
+                   ignore_base_mismatch: bool = False) -> None:
     """`eval --generate` or `eval --tasks`; every flag and file is checked before the model loads."""
     from ..models import load_base
 
@@ -76,7 +77,7 @@ def run_evaluation(model, adapters, quantize, data, generate: bool, tasks, opts:
         cfg = GenerativeEvalConfig(**given(split=opts.get("split"), metrics=_metrics(opts.get("metric", ())),
                                            max_tokens=opts.get("max_tokens"), batch_size=opts.get("batch_size"),
                                            out=opts.get("out"), force=opts.get("force") or None))
-        return _generate(model, specs, quantize, data, cfg, load_base)
+        return _generate(model, specs, quantize, data, cfg, load_base, ignore_base_mismatch)
     _refuse(opts, GENERATE_ONLY, "--generate")
     for key, flag in (("split", "--split"), ("max_seq_length", "--max-seq-length")):
         if opts.get(key) is not None:
@@ -86,10 +87,10 @@ def run_evaluation(model, adapters, quantize, data, generate: bool, tasks, opts:
     cfg = BenchmarkConfig(**given(tasks=tasks, include_path=opts.get("include_path"), limit=opts.get("limit"),
                                   num_fewshot=opts.get("num_fewshot"), batch_size=opts.get("batch_size"),
                                   apply_chat_template=opts.get("apply_chat_template") or None))
-    return _tasks(model, specs, quantize, cfg, load_base)
+    return _tasks(model, specs, quantize, cfg, load_base, ignore_base_mismatch)
 
 
-def _generate(model, specs, quantize, data, cfg, load_base) -> None:
+def _generate(model, specs, quantize, data, cfg, load_base, ignore_base_mismatch) -> None:
     from ..evaluate import check_report_paths, format_tables, generative_eval, resolve_metrics, write_report
 
     from ..data.sources import prepare_data
@@ -103,20 +104,20 @@ def _generate(model, specs, quantize, data, cfg, load_base) -> None:
     def progress(name, done, total):
         click.echo(f"{name}: {done}/{total} rows answered", err=True)
 
-    report = generative_eval(base, specs, data, cfg, on_progress=progress)
+    report = generative_eval(base, specs, data, cfg, on_progress=progress, ignore_base_mismatch=ignore_base_mismatch)
     report = {"model": model, **report}
     json_path, html_path = write_report(report, cfg.out, cfg.force)
     click.echo(format_tables(report))
     click.echo(f"report: {json_path}\nreport: {html_path}")
 
 
-def _tasks(model, specs, quantize, cfg, load_base) -> None:
+def _tasks(model, specs, quantize, cfg, load_base, ignore_base_mismatch) -> None:
     from ..evaluate.harness import check_tasks, format_task_table, run_tasks
 
     check_tasks(cfg)  # an unknown task fails before the model loads
     base = load_base(model, quantize=quantize_bits(quantize))
     base.model.eval()
-    rows = run_tasks(base, specs, cfg)
+    rows = run_tasks(base, specs, cfg, ignore_base_mismatch)
     click.echo(format_task_table(rows))
 
 

@@ -59,7 +59,7 @@ def eval_cmd(model, adapters, quantize, data, ignore_base_mismatch, generate, ta
     from ..config import given
 
     if generate or tasks:
-        return run_evaluation(model, adapters, quantize, data, generate, tasks, opts)
+        return run_evaluation(model, adapters, quantize, data, generate, tasks, opts, ignore_base_mismatch)
     perplexity_only(opts, data)
     from ..data.sources import prepare_data
 
@@ -74,7 +74,7 @@ def eval_cmd(model, adapters, quantize, data, ignore_base_mismatch, generate, ta
         specs = parse_adapter_specs(adapters)  # bad specs fail before the model loads
         base = load_base(model, quantize=quantize_bits(quantize))
         base.model.eval()
-        rows = compare_perplexity(base, specs, data, cfg)
+        rows = compare_perplexity(base, specs, data, cfg, ignore_base_mismatch)
         res = rows[0]
     else:
         from ..inference import eval_split

@@ -12,7 +12,7 @@ import click
 
 from ..config import GenerateConfig, ServeConfig
 from ..errors import ConfigError
-from .options import QUANTIZE, default, parse_adapter_specs, quantize_bits
+from .options import IGNORE_BASE, QUANTIZE, default, parse_adapter_specs, quantize_bits
 CHAT_HELP = ("/adapter NAME  switch adapter (history is kept)   /adapter none  the bare base\n"
              "/adapters      list them   /clear  forget the conversation   /quit  leave")
 
@@ -26,15 +26,16 @@ def base_name_of(spec: str) -> str:
 
 
 def load_engine(model: str, adapters: dict[str, str], quantize: str | None = None,
-                settings: ServeConfig | None = None):
-    """Load the base once, attach the adapters, and return a serve.engine.Engine over them (close() it)."""
+                settings: ServeConfig | None = None, ignore_base_mismatch: bool = False):
+    """Load the base once, attach the adapters, and return a serve.engine.Engine over them (close() it).
+    An mlxlora adapter trained on another base is refused (AdapterError) unless ignore_base_mismatch."""
     from ..models import load_base
     from ..serve.engine import Engine
     from ..serve.multi import MultiAdapterModel
 
     base = load_base(model, quantize=quantize_bits(quantize))
     base.model.eval()
-    multi = MultiAdapterModel(base.model)
+    multi = MultiAdapterModel.of_base(base, ignore_base_mismatch)
     for name, path in adapters.items():
         multi.load_adapter(path, name)
     return Engine(multi, base.tokenizer, base_name_of(model), settings, context_length(base))
@@ -107,6 +108,7 @@ def _gen_options(f):
         click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
                      help="An adapter folder to attach under NAME; repeat for more."),
         click.option("--quantize", type=QUANTIZE, help="Quantize the base at load time."),
+        IGNORE_BASE,
     ]):
         f = o(f)
     return f
@@ -120,7 +122,7 @@ def _gen_options(f):
 @click.option("--temp", type=float, help=f"Sampling temperature; 0 is greedy. {default(GenerateConfig, 'temp')}")
 @click.option("--top-p", type=float, help=default(GenerateConfig, "top_p"))
 @click.option("--seed", type=int, help=default(GenerateConfig, "seed"))
-def chat(model, adapters, quantize, start_adapter, system, **opts):
+def chat(model, adapters, quantize, ignore_base_mismatch, start_adapter, system, **opts):
     """Chat in the terminal; switch adapters with /adapter NAME without reloading.
 
     Example: mlxlora chat --model ./smollm2 --adapter devil=runs/devil --adapter poet=runs/poet
@@ -131,7 +133,7 @@ def chat(model, adapters, quantize, start_adapter, system, **opts):
     specs = parse_adapter_specs(adapters)
     if start_adapter is not None and start_adapter not in specs and start_adapter.lower() not in ("none", "base"):
         raise ConfigError(f"--start {start_adapter!r}: not one of the --adapter names ({', '.join(specs) or 'none given'})")
-    engine = load_engine(model, specs, quantize)
+    engine = load_engine(model, specs, quantize, ignore_base_mismatch=ignore_base_mismatch)
     first = next(iter(specs), None) if start_adapter is None else start_adapter
     session = ChatSession(engine, cfg, None if first and first.lower() in ("none", "base") else first, system)
     click.echo(f"{engine.base_name} with adapters: {', '.join(specs) or 'none'}\n{CHAT_HELP}")
@@ -160,7 +162,7 @@ def chat(model, adapters, quantize, start_adapter, system, **opts):
 @click.option("--max-pending", type=int, help=f"Requests running or queued; more get 503. {default(ServeConfig, 'max_pending')}")
 @click.option("--request-timeout", type=float, help=f"Seconds per request (then 504). {default(ServeConfig, 'request_timeout')}")
 @click.option("--quiet", is_flag=True, help="Do not log requests.")
-def serve(model, adapters, quantize, quiet, **opts):
+def serve(model, adapters, quantize, ignore_base_mismatch, quiet, **opts):
     """Serve the base and its adapters over an OpenAI-compatible HTTP API; `model` picks the adapter.
 
     Example: mlxlora serve --model ./smollm2 --adapter devil=runs/devil --port 8080
@@ -169,7 +171,7 @@ def serve(model, adapters, quantize, quiet, **opts):
     from ..serve.server import make_server, serve_forever
 
     settings = ServeConfig(**given(**opts))
-    engine = load_engine(model, parse_adapter_specs(adapters), quantize, settings)
+    engine = load_engine(model, parse_adapter_specs(adapters), quantize, settings, ignore_base_mismatch)
     server = make_server(engine, settings, log=None if quiet else (lambda m: click.echo(m, err=True)))
     host, port = server.server_address[:2]
     click.echo(f"serving {', '.join(engine.model_names())} at http://{host}:{port}/v1 (Ctrl-C stops)")

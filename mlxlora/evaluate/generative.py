@@ -71,7 +71,8 @@ def summarize(items: list[dict], names: list[str], metrics: list[str]) -> tuple[
 
 
 def generative_eval(base, adapters: dict[str, str], data: str, cfg: GenerativeEvalConfig | None = None,
-                    on_progress: Callable[[str, int, int], None] | None = None) -> dict:
+                    on_progress: Callable[[str, int, int], None] | None = None,
+                    ignore_base_mismatch: bool = False) -> dict:
     """Answers of the bare base and of each adapter to every row of a split, scored; the report as a dict.
 
     base: a mlxlora.models.Base (bare; left bare afterwards). adapters: name -> adapter folder. data: a
@@ -83,7 +84,7 @@ def generative_eval(base, adapters: dict[str, str], data: str, cfg: GenerativeEv
     metrics = resolve_metrics(cfg.metrics)
     path = D.split_file(data, cfg.split)
     rows = read_eval_rows(path, base.tokenizer)
-    multi = MultiAdapterModel(base.model)
+    multi = MultiAdapterModel.of_base(base, ignore_base_mismatch)
     answers: dict[str, list[str]] = {}
     try:
         for name, folder in adapters.items():

@@ -203,14 +203,14 @@ def evaluate_lm(lm, cfg: BenchmarkConfig, manager=None) -> dict:
                            random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
 
 
-def run_tasks(base, adapters: dict[str, str], cfg: BenchmarkConfig) -> list[dict]:
+def run_tasks(base, adapters: dict[str, str], cfg: BenchmarkConfig, ignore_base_mismatch: bool = False) -> list[dict]:
     """Every task's metrics for the bare base and each adapter: rows of task, metric, then one value per model.
 
     base: a bare mlxlora.models.Base (left bare). adapters: name -> folder. Raises ConfigError for an
     unknown task, AdapterError for an adapter that does not fit."""
     manager = task_manager(cfg)
     check_tasks(cfg, manager)
-    multi = MultiAdapterModel(base.model)
+    multi = MultiAdapterModel.of_base(base, ignore_base_mismatch)
     results = {}
     try:
         for name, folder in adapters.items():

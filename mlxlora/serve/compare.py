@@ -8,7 +8,8 @@ from ..inference import eval_split
 from .multi import MultiAdapterModel
 
 
-def compare_perplexity(base, adapters: dict[str, str], data: str, cfg=None) -> list[dict]:
+def compare_perplexity(base, adapters: dict[str, str], data: str, cfg=None,
+                       ignore_base_mismatch: bool = False) -> list[dict]:
     """Loss and perplexity of the bare base and of each adapter on one data split; the base is loaded once.
 
     base: a mlxlora.models.Base (left bare afterwards). adapters: name -> adapter folder. data: a folder or
@@ -16,7 +17,7 @@ def compare_perplexity(base, adapters: dict[str, str], data: str, cfg=None) -> l
     delta_loss (vs the base), samples, target_tokens, path.
     """
     cfg = cfg or EvalConfig()
-    multi = MultiAdapterModel(base.model)
+    multi = MultiAdapterModel.of_base(base, ignore_base_mismatch)
     rows = []
     try:
         for name, path in adapters.items():

@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from ..adapters import fit, save_record
+from ..adapters import check_base, fit, save_record
 from ..errors import AdapterError
 from ..formats import read_adapter as read_record
 from ..formats.record import AdapterRecord
@@ -35,12 +35,16 @@ _NAME = re.compile(r"[A-Za-z0-9_-]+")
 Adapter = AdapterRecord  # the name this module's API has used for a whole adapter
 
 
-def read_adapter(model: nn.Module, adapter_dir) -> AdapterRecord:
+def read_adapter(model: nn.Module, adapter_dir, base_info: dict | None = None,
+                 ignore_base_mismatch: bool = False) -> AdapterRecord:
     """The adapter in `adapter_dir` (any format, or a hub id), checked against `model` (a bare base, unchanged).
 
-    Raises AdapterError (one line, naming the file) when the folder does not fit the model.
+    Raises AdapterError (one line, naming the file) when the folder does not fit the model, or (base_info given,
+    models.describe_base) when an mlxlora adapter records another base, unless ignore_base_mismatch.
     """
-    record = fit(model, read_record(adapter_dir))
+    record = read_record(adapter_dir)
+    check_base(record, base_info, ignore_base_mismatch)
+    record = fit(model, record)
     mx.eval([lora.arrays() for lora in record.layers.values()])
     return record
 
@@ -67,15 +71,26 @@ class MultiAdapterModel:
     load_adapter(path, name) / add_adapter(name, adapter), set_adapter(name), disable_adapter() (also a
     context manager), delete_adapter(name), `adapters`, `active_adapter`, and `model(ids, adapter_names=[...])`
     for a batch whose rows use different adapters. Not thread-safe: serialise calls (see mlxlora.server).
+    base_info (models.describe_base of the bare model; `of_base` takes it): load_adapter refuses an mlxlora
+    adapter trained on another base, as load_adapter does for one adapter, unless ignore_base_mismatch.
     """
 
-    def __init__(self, model: nn.Module):
+    @classmethod
+    def of_base(cls, base, ignore_base_mismatch: bool = False) -> "MultiAdapterModel":
+        """Over a loaded mlxlora.models.Base (bare), checking each adapter's recorded base against it."""
+        from ..models import describe_base
+
+        info = describe_base(base.model, base.config, base.info.get("fingerprint"), base.info.get("content"))
+        return cls(base.model, base_info=info, ignore_base_mismatch=ignore_base_mismatch)
+
+    def __init__(self, model: nn.Module, base_info: dict | None = None, ignore_base_mismatch: bool = False):
         if adapter_layers(model):
             raise AdapterError("MultiAdapterModel: the model already has a single adapter; start from a bare base "
                                "(mlxlora.models.load_base) and attach adapters with load_adapter(path, name)")
         if any(isinstance(m, MULTI_TYPES) for _, m in model.named_modules()):
             raise AdapterError("MultiAdapterModel: this model is already managed by another MultiAdapterModel; use that one")
         self.model = model
+        self.base_info, self.ignore_base_mismatch = base_info, ignore_base_mismatch
         self._adapters: dict[str, Adapter] = {}
         self._active: str | None = None
 
@@ -100,7 +115,7 @@ class MultiAdapterModel:
         """Read an adapter folder (any format load_adapter reads) and attach it as `name`. Raises AdapterError."""
         self._check_new_name(name)
         with self._bare() as model:
-            adapter = read_adapter(model, adapter_dir)
+            adapter = read_adapter(model, adapter_dir, self.base_info, self.ignore_base_mismatch)
         self.add_adapter(name, adapter)
         return adapter
 
