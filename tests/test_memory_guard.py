@@ -49,3 +49,26 @@ def test_auto_fit_chooses_and_says_so(tmp_path):
     assert want in res.output, res.output
     record = json.loads((tmp_path / "a" / "mlxlora.json").read_text())
     assert record["train_config"]["batch_size"] == fit.batch_size < 64
+
+
+def test_auto_fit_plans_the_method_that_runs(tmp_path):
+    """--auto-fit --method dpo plans two sequences per pair (it planned an SFT batch: twice too large);
+    --method grpo keeps the batch of prompts (one group is trained at a time) and fits the rest."""
+    from types import SimpleNamespace
+
+    from mlxlora import LoraConfig, TrainConfig
+    from mlxlora.config import PreferenceConfig
+    from mlxlora.plan import suggest_fit
+    from mlxlora.train.memory import auto_fit
+
+    model = tiny.make_model(tmp_path / "model", "llama", hidden_size=256, intermediate_size=1024)
+    base = SimpleNamespace(path=model, config={})
+    lora = LoraConfig(r=4, target_modules="all-linear")
+    budget = suggest_fit(str(model), lora, memory_bytes=512 << 20, max_seq_length=512).plan.peak_bytes
+    sft = suggest_fit(str(model), lora, memory_bytes=budget, max_seq_length=512).batch_size
+    common = dict(model=str(model), lora=lora, max_seq_length=512, auto_fit=True, memory_limit=budget / 2**30)
+    dpo, _ = auto_fit(TrainConfig(batch_size=64, preference=PreferenceConfig(method="dpo"), **common), base)
+    assert 0 < dpo.batch_size < sft and dpo.batch_size == suggest_fit(
+        str(model), lora, memory_bytes=budget, max_seq_length=512, method="dpo").batch_size
+    grpo, line = auto_fit(TrainConfig(batch_size=3, preference=PreferenceConfig(method="grpo"), **common), base)
+    assert grpo.batch_size == 3 and "--batch-size 3" in line

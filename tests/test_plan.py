@@ -259,6 +259,50 @@ def test_predicted_peak_within_30_percent(tmp_path, case, capsys):
     assert 0.7 < ratio < 1.3, (plan.peak_bytes, measured)
 
 
+def test_grpo_predicted_peak_within_30_percent(tmp_path, capsys):
+    """--method grpo: two real GRPO steps (2 prompts x 4 sampled completions, one group at a time, the groups'
+    gradients summed) against the plan at the length they reached (the SFT plan of the same flags: 0.57x)."""
+    from mlxlora.config import GRPOConfig
+    from mlxlora.data.prompts import load_prompts
+    from mlxlora.train.grpo import GRPOStepper
+    from mlxlora.train.rewards import parse_rewards
+    from mlxlora.train.step import make_optimizer
+
+    folder = tiny.make_model(tmp_path / "m", "llama", hidden_size=256, num_hidden_layers=4, intermediate_size=512)
+    lora = LoraConfig(r=8, target_modules="all-linear")
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": "x" * 180 + str(i)}) + "\n" for i in range(2)))
+    cfg = GRPOConfig(group_size=4, max_completion_length=64, rewards=("length",))
+    gc.collect()
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    base = load_base(str(folder))
+    rows = load_prompts(tmp_path / "p.jsonl", base.tokenizer, need_answer=False)
+    mx.random.seed(0)
+    get_lora_model(base.model, lora)
+    opt = make_optimizer(TrainConfig(lr=1e-4), 10)
+    opt.init(base.model.trainable_parameters())
+    stepper = GRPOStepper(base.model, opt, base.tokenizer, cfg, parse_rewards(cfg), beta=0.0, loss_type="dapo")
+    sampled, sample = [], stepper.sample
+    stepper.sample = lambda r: sampled.append(out := sample(r)) or out  # to read the lengths reached
+    for step in range(2):
+        mx.random.seed(step)
+        stepper.grpo_step(rows)
+    measured = mx.get_peak_memory() - before
+    longest = max(len(r.ids) for r in rows) + max(len(c) for s in sampled for c in s)
+    del stepper, opt, base, sample  # a cycle (stepper.sample): freed now, not when gc gets to it
+    gc.collect()
+    kw = dict(batch_size=2, max_seq_length=longest, backend="cpu")
+    plan = plan_training(str(folder), lora, method="grpo", grpo=cfg, **kw)
+    sft = plan_training(str(folder), lora, **kw)
+    ratio = plan.peak_bytes / measured
+    with capsys.disabled():
+        print(f"\n[plan] grpo 2 x 4 x {longest}: predicted {plan.peak_bytes / 2**20:.1f} MiB, measured "
+              f"{measured / 2**20:.1f} MiB, ratio {ratio:.3f} (the sft plan: {sft.peak_bytes / measured:.3f})")
+    assert 0.7 < ratio < 1.3, (plan.peak_bytes, measured)
+    assert plan.settings["rows_per_item"] == 4 and "4 completions" in format_plan(plan)
+
+
 def test_suggest_fit_is_the_largest_batch_that_fits():
     lora = LoraConfig(r=16)
     budget = 64 * 2**30

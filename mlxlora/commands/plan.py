@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import METHODS, TrainConfig
+from ..config import METHODS, GRPOConfig, TrainConfig
 from .options import DTYPE, GROUP_SIZE, QUANTIZE, default
 
 
@@ -24,8 +24,12 @@ from .options import DTYPE, GROUP_SIZE, QUANTIZE, default
 @click.option("--max-seq-length", type=int, help=f"Every sample is counted at this length. {default(TrainConfig, 'max_seq_length')}")
 @click.option("--grad-checkpoint", is_flag=True, default=None, help="Recompute block activations (less memory).")
 @click.option("--method", type=click.Choice(list(METHODS)),
-              help=f"Training objective; dpo/orpo/simpo/kto count both sequences of an item and the reference. "
+              help=f"Training objective; dpo/orpo/simpo/kto count both sequences of an item and the reference, "
+              "grpo one group of sampled completions at a time. "
               f"{default(TrainConfig, 'method')}")
+@click.option("--group-size", type=int, help=f"--method grpo: completions per prompt. {default(GRPOConfig, 'group_size')}")
+@click.option("--max-completion-length", type=int,
+              help=f"--method grpo: tokens per completion. {default(GRPOConfig, 'max_completion_length')}")
 @click.option("--dtype", type=DTYPE,
               help="Compute dtype. [default: float32 on CPU, the checkpoint's on a GPU]")
 @click.option("--backend", type=click.Choice(["cpu", "gpu"]), help="Plan for this mlx backend. [default: this machine's]")
@@ -60,10 +64,11 @@ def plan(config_file, backend, memory_gb, fit, as_json, **flags):
     kw = dict(quantize=cfg.quantize, group_size=cfg.q_group_size, max_seq_length=cfg.max_seq_length,
               compute_dtype=cfg.dtype or ("float32" if backend == "cpu" else None), grad_accum=cfg.grad_accum,
               backend=backend, memory_bytes=int(memory_gb * 2**30) if memory_gb else None,
-              method=cfg.preference.method)
+              method=cfg.preference.method, grpo=cfg.grpo)
     result = plan_training(cfg.model, cfg.lora, batch_size=cfg.batch_size, grad_checkpoint=cfg.grad_checkpoint,
                            **kw)
-    suggestion = suggest_fit(cfg.model, cfg.lora, **kw) if fit else None
+    most = {"max_batch": cfg.batch_size} if cfg.preference.method == "grpo" else {}  # one group at a time anyway
+    suggestion = suggest_fit(cfg.model, cfg.lora, **most, **kw) if fit else None
     if as_json:
         out = asdict(result)
         if suggestion is not None:

@@ -84,14 +84,16 @@ def _working_set(d: dict, B: int, L: int, mlp: bool, outs: dict[int, int], dora:
 UNBLOCKED = {"gemma2"}  # model types whose attention does not go through scaled_dot_product_attention
 
 
-def _logits_bytes(T: int, V: int, act_bytes: int, config: dict, memory_bytes: int | None = None) -> int:
+def _logits_bytes(T: int, V: int, act_bytes: int, config: dict, memory_bytes: int | None = None,
+                  chunked: bool = True) -> int:
     """Logits (T, V) in float32 for the loss, kept for logsumexp's backward, then softmax and the
     logits' gradient, plus one temporary of the same size (measured: 3.8-3.95 copies). T: the rows
     the head projects (head.py: only the target tokens, rounded up to a level).
 
     A model the chunked loss handles (loss/chunked.py) holds one chunk of chunk_rows(V, memory) tokens
-    instead: CHUNK_COPIES (rows, V) float32 buffers, plus per-token vectors and the hidden rows' gradient."""
-    if config.get("model_type") in CHUNKABLE:
+    instead: CHUNK_COPIES (rows, V) float32 buffers, plus per-token vectors and the hidden rows' gradient.
+    chunked False: a loss that takes whole logits (GRPO's completion log-probs)."""
+    if chunked and config.get("model_type") in CHUNKABLE:
         rows = min(T, chunk_rows(V, memory_bytes))
         return CHUNK_COPIES * rows * V * 4 + rows * V * act_bytes * (act_bytes != 4) + 4 * T * 4
     logits = 4 * T * V * 4 + (T * V * act_bytes if act_bytes != 4 else 0)
@@ -103,7 +105,7 @@ def _logits_bytes(T: int, V: int, act_bytes: int, config: dict, memory_bytes: in
 def activation_terms(shapes: ModelShapes, adapted: list[tuple[Matrix, int]], batch_size: int, seq_len: int,
                      grad_checkpoint: bool = False, act_bytes: int = 4, dora: bool = False,
                      cpu_dequant: bool = False, loss_fraction: float = 1.0,
-                     memory_bytes: int | None = None) -> dict[str, int]:
+                     memory_bytes: int | None = None, chunked_loss: bool = True) -> dict[str, int]:
     """Bytes of activation memory at the peak of one micro-batch (forward + backward), term by term.
 
     A decoder-only block (RMSNorm, attention, SwiGLU MLP) at the worst case: every sample padded to
@@ -124,7 +126,8 @@ def activation_terms(shapes: ModelShapes, adapted: list[tuple[Matrix, int]], bat
     kept = {i: _kept(d, model_type, B, L, roles.get(i, set()), extra.get(i, 0), p_all) for i in reached}
     mlp = {i for i, r in roles.items() if r & {"mlp_in", "mlp_out"}}
     work = int(_working_set(d, B, L, bool(mlp), outs, dora, p_block) * act_bytes) if reached else 0
-    logits = _logits_bytes(padded_rows(math.ceil(T * loss_fraction), T), V, act_bytes, shapes.config, memory_bytes)
+    logits = _logits_bytes(padded_rows(math.ceil(T * loss_fraction), T), V, act_bytes, shapes.config, memory_bytes,
+                           chunked_loss)
     if not grad_checkpoint:  # everything kept is alive when the backward starts
         terms = {"kept for backward": sum(kept.values()) * act_bytes,
                  "backward working set": work, "logits and their gradient": logits}

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear
 
-from ..config import LoraConfig, PreferenceConfig, TrainConfig
+from ..config import GRPOConfig, LoraConfig, PreferenceConfig, TrainConfig
 from ..errors import ConfigError, ModelError
 from ..lora.surgery import find_targets
 from ..models.moe_shapes import per_token
@@ -125,7 +125,8 @@ def plan_training(model_spec: str | dict | ModelShapes, lora: LoraConfig, *, qua
                   max_seq_length: int = TrainConfig.max_seq_length, grad_checkpoint: bool = False,
                   compute_dtype: str | None = "float32", memory_bytes: int | None = None,
                   grad_accum: int = TrainConfig.grad_accum, backend: str | None = None,
-                  loss_fraction: float = 1.0, method: str = PreferenceConfig.method) -> Plan:
+                  loss_fraction: float = 1.0, method: str = PreferenceConfig.method,
+                  grpo: GRPOConfig | None = None) -> Plan:
     """Parameters and predicted peak memory of training `lora` on `model_spec`, without loading weights.
 
     compute_dtype: what float weights and activations are computed in (float32 on CPU; None keeps the
@@ -136,11 +137,20 @@ def plan_training(model_spec: str | dict | ModelShapes, lora: LoraConfig, *, qua
     rejected of each pair in one batch (kto: each completion and its KL completion), so a step holds
     2 x batch_size rows; dpo/kto add their reference: no weights (the base with the adapter off), a
     float32 copy of the adapter (the --init-adapter case, counted always) and a forward-only pass before
-    training, which stays below a training step's peak. Raises ModelError, or ConfigError when no layer
-    matches (as training).
+    training, which stays below a training step's peak. grpo (--method grpo; default GRPOConfig()): a step
+    takes one group at a time (group_size sequences of at most max_seq_length tokens, the head projecting
+    only the completion positions, whole logits: no chunked loss) and sums the groups' gradients when
+    batch_size > 1; the sampling before it (a KV cache, no gradients) stays below that. Raises ModelError,
+    or ConfigError when no layer matches (as training).
     """
     pref = PreferenceConfig(method=method)
     rows = 2 if pref.pairs or method == "kto" else 1
+    micro, chunked, summed = batch_size, True, grad_accum > 1
+    if method == "grpo":
+        grpo = grpo or GRPOConfig()
+        rows, micro, chunked = grpo.group_size, 1, False
+        loss_fraction = min(loss_fraction, grpo.max_completion_length / max_seq_length)
+        summed = summed or batch_size > 1  # the groups' gradients are summed, as micro-batches' are
     if compute_dtype not in (None, *DTYPE_CODES):
         raise ConfigError(f"compute_dtype must be one of {', '.join(DTYPE_CODES)} or None, got {compute_dtype!r}")
     shapes = model_spec if isinstance(model_spec, ModelShapes) else read_model(model_spec)
@@ -161,11 +171,11 @@ def plan_training(model_spec: str | dict | ModelShapes, lora: LoraConfig, *, qua
         memory_bytes, memory_source = machine_memory()
     else:
         memory_source = "given"
-    terms = activation_terms(shapes, adapted, rows * batch_size, max_seq_length, grad_checkpoint,
+    terms = activation_terms(shapes, adapted, rows * micro, max_seq_length, grad_checkpoint,
                              BYTES[DTYPE_CODES[compute_dtype]], lora.use_dora, backend == "cpu", loss_fraction,
-                             memory_bytes)
+                             memory_bytes, chunked)
     params, moments = 4 * trainable, 8 * trainable  # adapters train in float32; AdamW: m and v
-    grads = params * (2 if grad_accum > 1 else 1)  # + the running sum when accumulating
+    grads = params * (2 if summed else 1)  # + the running sum when accumulating
     reference = params if pref.needs_reference else 0  # the frozen --init-adapter tensors
     static = base + params + moments + reference
     # The update holds the gradients, their clipped copy and the new parameters and moments next to
@@ -292,6 +302,9 @@ def format_plan(plan: Plan) -> str:
 def _batch(s: dict) -> str:
     if s.get("rows_per_item", 1) == 1:
         return str(s["batch_size"])
+    if s["method"] == "grpo":
+        return (f"{s['batch_size']} prompts x {s['rows_per_item']} completions, one group of "
+                f"{s['rows_per_item']} sequences at a time (grpo)")
     what = "rows (+ KL rows)" if s["method"] == "kto" else "pairs"
     return f"{s['batch_size']} {what} = {s['rows_per_item'] * s['batch_size']} sequences ({s['method']})"
 

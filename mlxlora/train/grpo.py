@@ -50,7 +50,7 @@ class PromptPlan(EpochCursor):
                  world: int = 1):
         self.rows, self.batch_size, self.grad_accum, self.seed = rows, batch_size, grad_accum, seed
         self.rank, self.world = rank, world
-        self.pack_capacity = max(len(r.ids) for r in rows)  # the longest prompt (memory_warning adds nothing)
+        self.pack_capacity = max(len(r.ids) for r in rows)  # the longest prompt (memory_warning adds completions)
 
     @property
     def global_batch(self) -> int:

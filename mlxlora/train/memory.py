@@ -12,13 +12,11 @@ from ..plan import human, plan_training
 def memory_warning(cfg: TrainConfig, base: Base, seq_len: int) -> str | None:
     """A one-line warning when mlxlora.plan predicts a peak above this machine's memory, naming the flags
     that lower it; None when it fits or the planner cannot tell (an architecture it does not know)."""
+    if cfg.preference.method == "grpo":  # seq_len is the longest prompt; its completions come on top
+        seq_len = min(cfg.max_seq_length, seq_len + cfg.grpo.max_completion_length)
     try:
-        pre_quantized = bool(base.config.get("quantization"))
-        plan = plan_training(str(base.path), cfg.lora, quantize=None if pre_quantized else cfg.quantize,
-                             group_size=cfg.q_group_size, batch_size=cfg.batch_size, max_seq_length=seq_len,
-                             grad_checkpoint=cfg.grad_checkpoint, grad_accum=cfg.grad_accum,
-                             compute_dtype=cfg.dtype or ("float32" if on_cpu() else None),
-                             method=cfg.preference.method)
+        plan = plan_training(str(base.path), cfg.lora, batch_size=cfg.batch_size, max_seq_length=seq_len,
+                             grad_checkpoint=cfg.grad_checkpoint, **_plan_kwargs(cfg, base))
     except Exception:  # the planner is advice: never a reason not to train
         return None
     if plan.fits is not False:
@@ -37,7 +35,8 @@ def memory_warning(cfg: TrainConfig, base: Base, seq_len: int) -> str | None:
 def _plan_kwargs(cfg: TrainConfig, base: Base) -> dict:
     pre_quantized = bool(base.config.get("quantization"))
     return dict(quantize=None if pre_quantized else cfg.quantize, group_size=cfg.q_group_size,
-                grad_accum=cfg.grad_accum, compute_dtype=cfg.dtype or ("float32" if on_cpu() else None))
+                grad_accum=cfg.grad_accum, compute_dtype=cfg.dtype or ("float32" if on_cpu() else None),
+                method=cfg.preference.method, grpo=cfg.grpo)
 
 
 def auto_fit(cfg: TrainConfig, base: Base) -> tuple[TrainConfig, str]:
@@ -50,8 +49,11 @@ def auto_fit(cfg: TrainConfig, base: Base) -> tuple[TrainConfig, str]:
     from ..plan import suggest_fit
 
     memory = int(cfg.memory_limit * 2**30) if cfg.memory_limit else None
+    # GRPO trains one group at a time whatever the batch of prompts: its batch size is kept (at most), the
+    # fit is in checkpointing and length
+    most = {"max_batch": cfg.batch_size} if cfg.preference.method == "grpo" else {}
     fit = suggest_fit(str(base.path), cfg.lora, memory_bytes=memory, max_seq_length=cfg.max_seq_length,
-                      **_plan_kwargs(cfg, base))
+                      **most, **_plan_kwargs(cfg, base))
     if fit.batch_size == 0:
         raise ModelError(f"--auto-fit: not even a batch of 1 x 64 tokens fits in {human(fit.plan.memory_bytes)}; "
                          "add --quantize 4 or adapt fewer layers (--target, --layers)")
