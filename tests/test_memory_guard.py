@@ -23,7 +23,7 @@ def test_guard_checkpoints_stops_and_the_hint_resumes(tmp_path):
     error = res.output.strip().splitlines()[-1]  # after the run's start-up lines, one error line
     assert error.startswith("Error: memory guard at step 1: the peak memory") and "--memory-limit 2 MiB" in error
     assert (out / "checkpoints" / "step-00000001").is_dir()
-    hint = re.search(r"resume at a smaller batch with: (mlxlora train .*)$", error).group(1)
+    hint = re.search(r"resume with less memory: (mlxlora train .*)$", error).group(1)
     assert hint == f"mlxlora train --resume {out} --batch-size 2 --grad-accum 2"
     res = tiny.run_cli(*hint.split()[1:], "--memory-limit", 64)  # the hinted command, with room to finish
     assert res.exit_code == 0, res.output
@@ -72,3 +72,25 @@ def test_auto_fit_plans_the_method_that_runs(tmp_path):
         str(model), lora, memory_bytes=budget, max_seq_length=512, method="dpo").batch_size
     grpo, line = auto_fit(TrainConfig(batch_size=3, preference=PreferenceConfig(method="grpo"), **common), base)
     assert grpo.batch_size == 3 and "--batch-size 3" in line
+
+
+def test_guard_stops_grpo_and_the_hint_resumes(tmp_path):
+    """--method grpo: the guard reads one group per prompt (group_size x prompt + completions), stops with a
+    checkpoint and a hint that lowers what a group holds (--grad-checkpoint; a smaller batch would not)."""
+    model = tiny.make_model(tmp_path / "model", "llama")
+    data = tiny.write_data(tmp_path / "data", [{"prompt": p, "answer": "1"} for p in ("hi", "yo", "ok", "go")])
+    out = tmp_path / "run"
+    args = ["train", "--model", model, "--data", data, "--adapter-path", out, "--method", "grpo", "--reward",
+            "length", "--group-size", 4, "--max-completion-length", 4, "--iters", 4, "--batch-size", 2,
+            "--rank", 4, "--save-every", 100, "--report-every", 100]
+    res = tiny.run_cli(*args, "--memory-limit", 2 / 1024)  # 2 MiB: below the first step's peak
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    error = res.output.strip().splitlines()[-1]
+    assert error.startswith("Error: memory guard at step 1: the peak memory") and "--memory-limit 2 MiB" in error
+    assert (out / "checkpoints" / "step-00000001").is_dir()
+    hint = re.search(r"resume with less memory: (mlxlora train .*)$", error).group(1)
+    assert hint == f"mlxlora train --resume {out} --grad-checkpoint"
+    res = tiny.run_cli(*hint.split()[1:], "--memory-limit", 64)
+    assert res.exit_code == 0, res.output
+    record = json.loads((out / "mlxlora.json").read_text())
+    assert record["run_record"]["steps"] == 4 and record["train_config"]["grad_checkpoint"] is True

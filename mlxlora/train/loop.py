@@ -32,7 +32,7 @@ from .batches import BatchPlan
 from .checkpoint import (TrainerState, best_checkpoint, latest_checkpoint, latest_path, list_checkpoints,
                          load_trainer_state, remove_stale_temps, save_checkpoint, write_final)
 from .folders import check_inputs, plan_run_folder
-from .memory import MemoryGuard, auto_fit, memory_warning, resume_hint
+from .memory import MemoryGuard, auto_fit, batch_shapes, memory_warning, resume_hint
 from . import grpo as G
 from . import preference as P
 from .plot import plot_losses
@@ -213,11 +213,12 @@ class Trainer:
         cfg = self.cfg
         window_tokens, window_t, bad_in_row = 0, time.perf_counter(), 0
         limit = int(cfg.memory_limit * 2**30) if cfg.memory_limit else machine_memory()[0]
-        guard = MemoryGuard(limit) if limit and self.method != "grpo" else None  # grpo's batches are prompts
+        guard = MemoryGuard(limit) if limit else None
         while st.step < total and not stop.hit:
             model.train()
             batches, real_tokens = self.batches.next(st)
-            if guard is not None and (why := guard.check(batches, after=False)):
+            shapes = batch_shapes(cfg, batches) if guard is not None else None
+            if guard is not None and (why := guard.check(shapes, after=False)):
                 self._memory_stop(model, optimizer, st, why)
             # Dropout noise depends on (seed, step) only, so a resumed run draws the same masks.
             mx.random.seed(cfg.seed * 1_000_003 + st.step)
@@ -267,7 +268,7 @@ class Trainer:
                 self._checkpoint(model, optimizer, st, best=best)
             for cb in self.callbacks:
                 cb(st)
-            if guard is not None and (why := guard.check(batches, after=True)):
+            if guard is not None and (why := guard.check(shapes, after=True)):
                 self._memory_stop(model, optimizer, st, why)
             if cfg.early_stop and st.bad_vals >= cfg.early_stop:
                 self.early_stopped = True
@@ -276,7 +277,7 @@ class Trainer:
     def _memory_stop(self, model, optimizer, st, why: str):
         path = self._checkpoint(model, optimizer, st)
         raise TrainingStopped(f"memory guard at step {st.step}: {why}; checkpoint saved to {path}; "
-                              f"resume at a smaller batch with: {resume_hint(self.cfg, self.run_dir)}")
+                              f"resume with less memory: {resume_hint(self.cfg, self.run_dir)}")
 
     @staticmethod
     def _improved(st: TrainerState, val: float) -> bool:

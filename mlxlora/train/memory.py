@@ -81,10 +81,11 @@ class MemoryGuard:
         self.limit, self.static = limit_bytes, mx.get_active_memory()
         self.per_token, self.max_tokens = 0.0, 0
 
-    def check(self, batches, after: bool) -> str | None:
+    def check(self, shapes: list[tuple[int, int]], after: bool) -> str | None:
+        """shapes: (rows, tokens) of each micro-batch of the step (batch_shapes)."""
         import mlx.core as mx
 
-        tokens = max(b[0].size for b in batches)
+        tokens = max(b * n for b, n in shapes)
         if after:
             peak = mx.get_peak_memory()
             self.max_tokens = max(self.max_tokens, tokens)
@@ -94,14 +95,29 @@ class MemoryGuard:
             return None
         predicted = self.static + self.per_token * tokens
         if predicted > self.limit:
-            shapes = " + ".join(f"{b[0].shape[0]} x {b[0].shape[1]}" for b in batches)
-            return (f"the next batch ({shapes} tokens) is predicted to peak at {human(predicted)}, "
+            text = " + ".join(f"{b} x {n}" for b, n in shapes)
+            return (f"the next batch ({text} tokens) is predicted to peak at {human(predicted)}, "
                     f"over --memory-limit {human(self.limit)}")
         return None
 
 
+def batch_shapes(cfg: TrainConfig, batches) -> list[tuple[int, int]]:
+    """(rows, tokens) of each micro-batch a step trains: the (x, y, mask) batches' shapes; for GRPO, whose
+    batches are prompt rows, one group per prompt: group_size rows of the prompt and the longest completion."""
+    if cfg.preference.method == "grpo":
+        g = cfg.grpo
+        return [(g.group_size, min(cfg.max_seq_length, len(r.ids) + g.max_completion_length)) for r in batches]
+    return [tuple(b[0].shape[:2]) for b in batches]
+
+
 def resume_hint(cfg: TrainConfig, run_dir) -> str:
-    """The one command that resumes a run stopped by the memory guard at half the batch (same effective batch)."""
+    """The one command that resumes a run stopped by the memory guard at half the batch (same effective batch);
+    GRPO trains one group at a time whatever the batch: checkpointing, then shorter completions."""
+    if cfg.preference.method == "grpo":
+        if not cfg.grad_checkpoint:
+            return f"mlxlora train --resume {run_dir} --grad-checkpoint"
+        return (f"mlxlora train --resume {run_dir} --max-completion-length "
+                f"{max(1, cfg.grpo.max_completion_length // 2)}")
     if cfg.batch_size > 1:
         return (f"mlxlora train --resume {run_dir} --batch-size {cfg.batch_size // 2} "
                 f"--grad-accum {cfg.grad_accum * 2}")
