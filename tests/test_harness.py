@@ -154,6 +154,28 @@ def test_eval_tasks_cli(tiny_dirs, in_tasks, cli):
                         "--apply-chat-template is only read with --tasks")
 
 
+def test_eval_tasks_out_writes_lm_evals_results_and_keeps_an_old_one(tiny_dirs, in_tasks, cli, tmp_path):
+    import json
+
+    src, out = tiny_dirs["llama"], tmp_path / "bench"
+    args = ["eval", "--tasks", "mlxlora_tiny_mc", "--include-path", TASKS, "--model", src, "--limit", 4, "--out", out]
+    res = cli(*args)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "eval_tasks.json").read_text())
+    assert f"report: {out / 'eval_tasks.json'}" in res.output
+    lm = report["lm_eval"]["base"]
+    row = next(r for r in report["rows"] if r["metric"] == "acc")
+    assert row["values"]["base"] == lm["results"]["mlxlora_tiny_mc"]["acc,none"]  # the table is lm-eval's number
+    assert report["limit"] == 4 and report["tasks"] == ["mlxlora_tiny_mc"] and "mlxlora_tiny_mc" in lm["n-shot"]
+    before = (out / "eval_tasks.json").read_bytes()
+    tiny.one_line_error(cli(*args), "eval_tasks.json", "--force")  # refused before any task runs
+    assert (out / "eval_tasks.json").read_bytes() == before
+    assert cli(*args, "--force").exit_code == 0
+    tiny.one_line_error(cli("eval", "--tasks", "mlxlora_tiny_mc", "--include-path", TASKS, "--model", src, "--force"),
+                        "--force with --tasks", "--out")
+    tiny.one_line_error(cli("eval", "--model", src, "--data", TASKS, "--out", out), "--out is only read with")
+
+
 def test_unknown_task_is_named_before_loading(in_tasks):
     cfg = BenchmarkConfig(tasks=["mlxlora_tiny_mc", "nope"], include_path=str(TASKS))
     with pytest.raises(ConfigError, match="no task 'nope'"):

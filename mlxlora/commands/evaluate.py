@@ -11,7 +11,8 @@ from ..errors import ConfigError
 from .options import default, parse_adapter_specs, quantize_bits
 
 # Options that only --generate / --tasks read (name of the Click parameter -> its flag).
-GENERATE_ONLY = {"metric": "--metric", "max_tokens": "--max-tokens", "out": "--out", "force": "--force"}
+GENERATE_ONLY = {"metric": "--metric", "max_tokens": "--max-tokens"}
+REPORT = {"out": "--out", "force": "--force"}  # --generate and --tasks
 TASKS_ONLY = {"include_path": "--include-path", "limit": "--limit", "num_fewshot": "--num-fewshot",
               "apply_chat_template": "--apply-chat-template"}
 
@@ -27,8 +28,8 @@ def evaluate_options(f):
         click.option("--max-tokens", type=int, help=f"With --generate: tokens per answer (greedy). "
                                                    f"{default(GenerativeEvalConfig, 'max_tokens')}"),
         click.option("--out", help="With --generate: the folder for eval_report.json / .html [default: the "
-                                   "current folder]."),
-        click.option("--force", is_flag=True, help="With --generate: replace an existing report."),
+                                   "current folder]. With --tasks: write eval_tasks.json (lm-eval's results) there."),
+        click.option("--force", is_flag=True, help="With --generate / --tasks: replace an existing report."),
         click.option("--tasks", help="lm-eval task names, comma-separated (e.g. arc_easy,hellaswag)."),
         click.option("--include-path", help="With --tasks: a folder of lm-eval task YAMLs of your own."),
         click.option("--limit", type=int, help="With --tasks: at most this many documents per task."),
@@ -53,6 +54,7 @@ def perplexity_only(opts: dict, data) -> None:
         raise ConfigError("--data is needed (a data folder or a .jsonl file) unless --tasks is given")
     _refuse(opts, GENERATE_ONLY, "--generate")
     _refuse(opts, TASKS_ONLY, "--tasks")
+    _refuse(opts, REPORT, "--generate or --tasks")
 
 
 def _metrics(values) -> list[str] | None:
@@ -84,10 +86,13 @@ def run_evaluation(model, adapters, quantize, data, generate: bool, tasks, opts:
             raise ConfigError(f"{flag} is not read with --tasks (each lm-eval task has its own split); drop it")
     if data is not None:
         raise ConfigError("--data is not read with --tasks (lm-eval tasks bring their data); drop it")
+    if opts.get("force") and not opts.get("out"):
+        raise ConfigError("--force with --tasks replaces an --out report; add --out DIR or drop --force")
     cfg = BenchmarkConfig(**given(tasks=tasks, include_path=opts.get("include_path"), limit=opts.get("limit"),
                                   num_fewshot=opts.get("num_fewshot"), batch_size=opts.get("batch_size"),
                                   apply_chat_template=opts.get("apply_chat_template") or None))
-    return _tasks(model, specs, quantize, cfg, load_base, ignore_base_mismatch)
+    return _tasks(model, specs, quantize, cfg, load_base, ignore_base_mismatch, opts.get("out"),
+                  bool(opts.get("force")))
 
 
 def _generate(model, specs, quantize, data, cfg, load_base, ignore_base_mismatch) -> None:
@@ -111,14 +116,19 @@ def _generate(model, specs, quantize, data, cfg, load_base, ignore_base_mismatch
     click.echo(f"report: {json_path}\nreport: {html_path}")
 
 
-def _tasks(model, specs, quantize, cfg, load_base, ignore_base_mismatch) -> None:
-    from ..evaluate.harness import check_tasks, format_task_table, run_tasks
+def _tasks(model, specs, quantize, cfg, load_base, ignore_base_mismatch, out, force) -> None:
+    from ..evaluate.harness import check_tasks, evaluate_models, format_task_table, tasks_report
+    from ..evaluate.report import TASKS_NAME, check_report_paths, write_json_report
 
     check_tasks(cfg)  # an unknown task fails before the model loads
+    if out is not None:
+        check_report_paths(out, force, (TASKS_NAME,))  # and an existing report before any task runs
     base = load_base(model, quantize=quantize_bits(quantize))
     base.model.eval()
-    rows = run_tasks(base, specs, cfg, ignore_base_mismatch)
-    click.echo(format_task_table(rows))
+    report = tasks_report(model, specs, cfg, evaluate_models(base, specs, cfg, ignore_base_mismatch))
+    click.echo(format_task_table(report["rows"]))
+    if out is not None:
+        click.echo(f"report: {write_json_report(report, out, TASKS_NAME, force)}")
 
 
-__all__ = ["evaluate_options", "perplexity_only", "run_evaluation", "GENERATE_ONLY", "TASKS_ONLY"]
+__all__ = ["evaluate_options", "perplexity_only", "run_evaluation", "GENERATE_ONLY", "TASKS_ONLY", "REPORT"]

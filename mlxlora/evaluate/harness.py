@@ -204,7 +204,14 @@ def evaluate_lm(lm, cfg: BenchmarkConfig, manager=None) -> dict:
 
 
 def run_tasks(base, adapters: dict[str, str], cfg: BenchmarkConfig, ignore_base_mismatch: bool = False) -> list[dict]:
-    """Every task's metrics for the bare base and each adapter: rows of task, metric, then one value per model.
+    """Every task's metrics for the bare base and each adapter: rows of task, metric, then one value per model."""
+    return task_rows({name: res["results"] for name, res in
+                      evaluate_models(base, adapters, cfg, ignore_base_mismatch).items()})
+
+
+def evaluate_models(base, adapters: dict[str, str], cfg: BenchmarkConfig,
+                    ignore_base_mismatch: bool = False) -> dict[str, dict]:
+    """lm-eval's results dict (per-sample logs included) for the bare base and for each adapter, by name.
 
     base: a bare mlxlora.models.Base (left bare). adapters: name -> folder. Raises ConfigError for an
     unknown task, AdapterError for an adapter that does not fit."""
@@ -218,11 +225,24 @@ def run_tasks(base, adapters: dict[str, str], cfg: BenchmarkConfig, ignore_base_
         lm = make_lm(base, cfg.batch_size, cfg.max_tokens)
         for name in [None, *adapters]:
             with multi.set_adapter(name):
-                results[name or BASE] = evaluate_lm(lm, cfg, manager)["results"]
+                results[name or BASE] = evaluate_lm(lm, cfg, manager)
     finally:
         for name in multi.adapters:
             multi.delete_adapter(name)
-    return task_rows(results)
+    return results
+
+
+# lm-eval's result keys kept in eval_tasks.json (per-sample logs and task configs stay out: large, and the
+# configs hold functions)
+KEPT = ("results", "n-shot", "versions", "higher_is_better", "n-samples")
+
+
+def tasks_report(model: str, adapters: dict[str, str], cfg: BenchmarkConfig, results: dict[str, dict]) -> dict:
+    """What eval_tasks.json holds: the run's settings, the table's rows and lm-eval's results per model."""
+    return {"model": model, "adapters": adapters, "tasks": list(cfg.tasks), "include_path": cfg.include_path,
+            "limit": cfg.limit, "num_fewshot": cfg.num_fewshot, "apply_chat_template": cfg.apply_chat_template,
+            "rows": task_rows({n: r["results"] for n, r in results.items()}),
+            "lm_eval": {n: {k: r[k] for k in KEPT if k in r} for n, r in results.items()}}
 
 
 def task_rows(results: dict[str, dict]) -> list[dict]:
@@ -255,5 +275,5 @@ def format_task_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["INSTALL", "make_lm", "task_manager", "check_tasks", "evaluate_lm", "run_tasks", "task_rows",
-           "format_task_table"]
+__all__ = ["INSTALL", "make_lm", "task_manager", "check_tasks", "evaluate_lm", "run_tasks", "evaluate_models",
+           "tasks_report", "task_rows", "format_task_table"]

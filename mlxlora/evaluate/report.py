@@ -15,6 +15,7 @@ from .generative import BASE
 from .html import report_html
 
 JSON_NAME, HTML_NAME = "eval_report.json", "eval_report.html"
+TASKS_NAME = "eval_tasks.json"  # eval --tasks --out
 
 
 def format_tables(report: dict) -> str:
@@ -44,18 +45,19 @@ def format_tables(report: dict) -> str:
     return "\n\n".join(blocks)
 
 
-def report_paths(out: str | Path | None) -> tuple[Path, Path]:
+def report_paths(out: str | Path | None, names: tuple[str, ...] = (JSON_NAME, HTML_NAME)) -> tuple[Path, ...]:
     folder = Path(out) if out is not None else Path.cwd()
-    return folder / JSON_NAME, folder / HTML_NAME
+    return tuple(folder / n for n in names)
 
 
-def check_report_paths(out: str | Path | None, force: bool) -> tuple[Path, Path]:
-    """The two report paths, refused (ConfigError naming --force) when one exists and not force.
+def check_report_paths(out: str | Path | None, force: bool, names: tuple[str, ...] = (JSON_NAME, HTML_NAME)
+                       ) -> tuple[Path, ...]:
+    """The report paths (`names` in `out`), refused (ConfigError naming --force) when one exists and not force.
 
     Called before any answer is generated, so a refused run costs nothing."""
-    paths = report_paths(out)
+    paths = report_paths(out, names)
     if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder for {JSON_NAME} and {HTML_NAME}")
+        raise ConfigError(f"--out {out} is a file; give a folder for {' and '.join(names)}")
     for p in paths:
         if p.exists() and not force:
             raise exists_error(p, flag="--out" if out is not None else None, what="--out folder",
@@ -74,4 +76,13 @@ def write_report(report: dict, out: str | Path | None = None, force: bool = Fals
     return json_path, html_path
 
 
-__all__ = ["JSON_NAME", "HTML_NAME", "format_tables", "report_paths", "check_report_paths", "write_report"]
+def write_json_report(report: dict, out: str | Path, name: str, force: bool = False) -> Path:
+    """`report` as `out`/`name` (eval --tasks --out), atomically, refused when it exists and not force."""
+    (path,) = check_report_paths(out, force, (name,))
+    with atomic_file(path, force=force, error=ConfigError, flag="--out") as tmp:
+        Path(tmp).write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str) + "\n")
+    return path
+
+
+__all__ = ["JSON_NAME", "HTML_NAME", "TASKS_NAME", "format_tables", "report_paths", "check_report_paths",
+           "write_report", "write_json_report"]
