@@ -290,7 +290,8 @@ def test_grpo_predicted_peak_within_30_percent(tmp_path, capsys):
         stepper.grpo_step(rows)
     measured = mx.get_peak_memory() - before
     longest = max(len(r.ids) for r in rows) + max(len(c) for s in sampled for c in s)
-    del stepper, opt, base, sample  # a cycle (stepper.sample): freed now, not when gc gets to it
+    sample = None  # stepper.sample -> the lambda -> sample -> stepper: a cycle, broken so all is freed now
+    del stepper, opt, base
     gc.collect()
     kw = dict(batch_size=2, max_seq_length=longest, backend="cpu")
     plan = plan_training(str(folder), lora, method="grpo", grpo=cfg, **kw)

@@ -167,6 +167,17 @@ def test_memory_warning_when_plan_exceeds_memory(model_dir, data_dir, tmp_path, 
     for flag in ("--grad-checkpoint", "--batch-size", "--max-seq-length", "--quantize 4"):
         assert flag in text, flag
 
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from mlxlora.config import PreferenceConfig
+    from mlxlora.train.memory import memory_warning
+
+    grpo = replace(_cfg(model_dir, data_dir, tmp_path / "g"), preference=PreferenceConfig(method="grpo"))
+    base = SimpleNamespace(path=model_dir, config={})
+    text = memory_warning(grpo, base, 16)  # GRPO: what lowers one group's peak, not the batch of prompts
+    assert "--group-size" in text and "--max-completion-length" in text and "--batch-size" not in text
+
     monkeypatch.setattr(plan, "machine_memory", lambda: (10**12, "test budget"))  # fits: silent
     console = _quiet()
     Trainer(_cfg(model_dir, data_dir, tmp_path / "b"), console=console)

@@ -22,10 +22,14 @@ def memory_warning(cfg: TrainConfig, base: Base, seq_len: int) -> str | None:
     if plan.fits is not False:
         return None
     fixes = [] if cfg.grad_checkpoint else ["--grad-checkpoint"]
-    if cfg.batch_size > 1:
+    if cfg.preference.method == "grpo":  # one group at a time: the batch of prompts does not matter
+        fixes.append(f"a smaller --group-size (now {cfg.grpo.group_size}) or --max-completion-length (now "
+                     f"{cfg.grpo.max_completion_length})")
+    elif cfg.batch_size > 1:
         fixes.append(f"a smaller --batch-size (now {cfg.batch_size}; --grad-accum keeps the effective batch)")
-    fixes.append(f"a smaller --max-seq-length (longest batch now {seq_len} tokens)")
-    if not (pre_quantized or cfg.quantize):
+    if cfg.preference.method != "grpo":
+        fixes.append(f"a smaller --max-seq-length (longest batch now {seq_len} tokens)")
+    if not (base.config.get("quantization") or cfg.quantize):
         fixes.append("--quantize 4")
     return (f"warning: predicted peak memory {human(plan.peak_bytes)} exceeds the {human(plan.memory_bytes)} "
             f"available ({plan.memory_source}); training may run out of memory. Try: {', '.join(fixes)} "
