@@ -78,10 +78,11 @@ def test_guard_stops_grpo_and_the_hint_resumes(tmp_path):
     """--method grpo: the guard reads one group per prompt (group_size x prompt + completions), stops with a
     checkpoint and a hint that lowers what a group holds (--grad-checkpoint; a smaller batch would not)."""
     model = tiny.make_model(tmp_path / "model", "llama")
-    data = tiny.write_data(tmp_path / "data", [{"prompt": p, "answer": "1"} for p in ("hi", "yo", "ok", "go")])
+    # groups of 8 x (~70-token prompt + 16): well above the 2 MiB limit, as the SFT test's first step is
+    data = tiny.write_data(tmp_path / "data", [{"prompt": p * 30, "answer": "1"} for p in ("hi", "yo", "ok", "go")])
     out = tmp_path / "run"
     args = ["train", "--model", model, "--data", data, "--adapter-path", out, "--method", "grpo", "--reward",
-            "length", "--group-size", 4, "--max-completion-length", 4, "--iters", 4, "--batch-size", 2,
+            "length", "--group-size", 8, "--max-completion-length", 16, "--iters", 4, "--batch-size", 2,
             "--rank", 4, "--save-every", 100, "--report-every", 100]
     res = tiny.run_cli(*args, "--memory-limit", 2 / 1024)  # 2 MiB: below the first step's peak
     assert res.exit_code == 1 and "Traceback" not in res.output
