@@ -98,7 +98,7 @@ def test_chat_template_matches_lm_evals_hf_model(tiny_dirs, hf_results, in_tasks
     print(f"{n} chat-templated requests: mlxlora == lm-eval's hf model")
 
 
-def test_chat_template_fallback_is_trainings(tiny_dirs, tmp_path):
+def test_chat_template_fallback_is_trainings(tiny_dirs, tmp_path, in_tasks, cli):
     """A tokenizer without a chat template: requests rendered with the fallback template, as training rendered a
     prompt/completion row (the training text starts with the prefilled request)."""
     import json
@@ -120,6 +120,10 @@ def test_chat_template_fallback_is_trainings(tiny_dirs, tmp_path):
     prefilled = lm.apply_chat_template([*turn, {"role": "assistant", "content": "4"}], add_generation_prompt=False)
     assert trained.startswith(prefilled) and prefilled.endswith("Assistant:\n4")
     assert lm.chat_template(True).startswith("{% for message in messages %}")
+    res = cli("eval", "--tasks", "mlxlora_tiny_mc", "--include-path", TASKS, "--model", src, "--limit", 2,
+              "--apply-chat-template")
+    assert res.exit_code == 0, res.output
+    assert "has no chat template" in res.output and "fallback format" in res.output
 
 
 def test_adapters_in_one_table_and_unfused(tiny_dirs, tmp_path, in_tasks):

@@ -125,6 +125,13 @@ def _tasks(model, specs, quantize, cfg, load_base, ignore_base_mismatch, out, fo
         check_report_paths(out, force, (TASKS_NAME,))  # and an existing report before any task runs
     base = load_base(model, quantize=quantize_bits(quantize))
     base.model.eval()
+    if cfg.apply_chat_template:
+        from ..data import TokenizerInfo
+
+        if not TokenizerInfo.from_tokenizer(base.tokenizer).has_template:
+            click.echo(f"note: the tokenizer of {model} has no chat template; --apply-chat-template renders requests "
+                       "in mlxlora's fallback format (### User: / ### Assistant:), as training renders chat rows",
+                       err=True)
     report = tasks_report(model, specs, cfg, evaluate_models(base, specs, cfg, ignore_base_mismatch))
     click.echo(format_task_table(report["rows"]))
     if out is not None:
