@@ -15,7 +15,7 @@ from .formats.mlxlora import read_record
 from .config import EvalConfig, GenerateConfig
 from .data.batches import pad_id
 from .loss import loss_sums, to_batch
-from .models import Base, describe_base, load_base
+from .models import Base, load_base
 
 
 def load_with_adapter(model: str, adapter: str | None = None, ignore_base_mismatch: bool = False, **kw) -> Base:
@@ -26,8 +26,7 @@ def load_with_adapter(model: str, adapter: str | None = None, ignore_base_mismat
     """
     base = load_base(model, **kw)
     if adapter:
-        info = describe_base(base.model, base.config, base.info.get("fingerprint"), base.info.get("content"))
-        load_adapter(base.model, adapter, base_info=info, ignore_base_mismatch=ignore_base_mismatch)
+        load_adapter(base.model, adapter, base_info=base.describe(), ignore_base_mismatch=ignore_base_mismatch)
         base.info["chat_template"] = read_record(resolve_adapter(adapter)[0]).get("chat_template")
     base.model.eval()
     return base

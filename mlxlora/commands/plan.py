@@ -67,8 +67,7 @@ def plan(config_file, backend, memory_gb, fit, as_json, **flags):
               method=cfg.preference.method, grpo=cfg.grpo)
     result = plan_training(cfg.model, cfg.lora, batch_size=cfg.batch_size, grad_checkpoint=cfg.grad_checkpoint,
                            **kw)
-    most = {"max_batch": cfg.batch_size} if cfg.preference.method == "grpo" else {}  # one group at a time anyway
-    suggestion = suggest_fit(cfg.model, cfg.lora, **most, **kw) if fit else None
+    suggestion = suggest_fit(cfg.model, cfg.lora, batch_size=cfg.batch_size, **kw) if fit else None
     if as_json:
         out = asdict(result)
         if suggestion is not None:

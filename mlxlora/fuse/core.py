@@ -24,7 +24,6 @@ from ..lora.layers import LoRAEmbedding, base_of
 from ..lora.quant import QUANTIZED_TYPES, use_fast_cpu_path, weight_shape
 from ..lora.switch import QuantizedSwitchLinear
 from ..lora.surgery import adapter_layers
-from ..models.fingerprint import describe_base
 from . import experts as X
 from . import requant as R
 from .calibration import collect_hessians, pick_samples, random_rows
@@ -192,8 +191,7 @@ def _attach(base, adapter, opts: FuseConfig):
     """(model, its adapter layers, the adapter's mlxlora.json record) after loading `adapter` if given."""
     model, record = base.model, {}
     if adapter is not None:
-        info = describe_base(model, base.config, base.info.get("fingerprint"), base.info.get("content"))
-        load_adapter(model, adapter, base_info=info, ignore_base_mismatch=opts.ignore_base_mismatch)
+        load_adapter(model, adapter, base_info=base.describe(), ignore_base_mismatch=opts.ignore_base_mismatch)
         record = adapter_record(Path(adapter))
     layers = _adapter_layers(model)
     if opts.bits and not any(isinstance(base_of(m), QUANTIZED_TYPES + (QuantizedSwitchLinear,)) for _, m in layers):

@@ -20,7 +20,7 @@ from ..config import DTYPE_NAMES, GROUP_SIZES, check_dtype
 from ..errors import ModelError, choice_error
 from ..files import path_problem
 from ..lora.quant import on_cpu, use_fast_cpu_path
-from .fingerprint import content_hash, fingerprint
+from .fingerprint import content_hash, describe_base, fingerprint
 from .gguf import convert_gguf
 from .hf_config import normalize
 
@@ -37,6 +37,11 @@ class Base:
     path: Path
     source: str
     info: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        """What check_base compares an adapter's run record with (describe_base), from the fingerprint and
+        content hash load_base computed; take it while the model is bare."""
+        return describe_base(self.model, self.config, self.info.get("fingerprint"), self.info.get("content"))
 
 
 def resolve_model_path(spec: str) -> Path:

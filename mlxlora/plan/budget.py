@@ -243,8 +243,12 @@ def suggest_fit(model_spec, lora: LoraConfig, *, memory_bytes: int | None = None
 
     Without --grad-checkpoint when a batch of 1 fits that way, else with it; when not even a batch of
     1 fits with it, the longest --max-seq-length (a multiple of 64) that does. kwargs: as plan_training.
+    method "grpo" trains one group at a time whatever the batch of prompts, so kwargs' batch_size is kept (at
+    most); the fit is in checkpointing and length.
     """
     shapes = model_spec if isinstance(model_spec, ModelShapes) else read_model(model_spec)
+    if kwargs.get("method") == "grpo" and kwargs.get("batch_size"):
+        max_batch = min(max_batch, kwargs["batch_size"])
     kwargs = {k: v for k, v in kwargs.items() if k not in ("batch_size", "grad_checkpoint")}
     length = kwargs.pop("max_seq_length", TrainConfig.max_seq_length)
     memory_bytes = memory_bytes or machine_memory()[0]

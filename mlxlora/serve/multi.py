@@ -71,17 +71,14 @@ class MultiAdapterModel:
     load_adapter(path, name) / add_adapter(name, adapter), set_adapter(name), disable_adapter() (also a
     context manager), delete_adapter(name), `adapters`, `active_adapter`, and `model(ids, adapter_names=[...])`
     for a batch whose rows use different adapters. Not thread-safe: serialise calls (see mlxlora.server).
-    base_info (models.describe_base of the bare model; `of_base` takes it): load_adapter refuses an mlxlora
+    base_info (models.Base.describe() of the bare model; `of_base` takes it): load_adapter refuses an mlxlora
     adapter trained on another base, as load_adapter does for one adapter, unless ignore_base_mismatch.
     """
 
     @classmethod
     def of_base(cls, base, ignore_base_mismatch: bool = False) -> "MultiAdapterModel":
         """Over a loaded mlxlora.models.Base (bare), checking each adapter's recorded base against it."""
-        from ..models import describe_base
-
-        info = describe_base(base.model, base.config, base.info.get("fingerprint"), base.info.get("content"))
-        return cls(base.model, base_info=info, ignore_base_mismatch=ignore_base_mismatch)
+        return cls(base.model, base_info=base.describe(), ignore_base_mismatch=ignore_base_mismatch)
 
     def __init__(self, model: nn.Module, base_info: dict | None = None, ignore_base_mismatch: bool = False):
         if adapter_layers(model):

@@ -26,7 +26,7 @@ from ..loss.chunked import model_chunk_rows
 from ..loss.tokens import loss_sums
 from .notes import report_adapted, report_dead
 from .trees import assign_tree, copy_tree, jsonable
-from ..models import Base, describe_base, load_base
+from ..models import Base, load_base
 from ..plan import machine_memory
 from .batches import BatchPlan
 from .checkpoint import (TrainerState, best_checkpoint, latest_checkpoint, latest_path, list_checkpoints,
@@ -140,8 +140,7 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, model = self.cfg, self.base.model
         mx.random.seed(cfg.seed)
-        self.base_info = describe_base(model, self.base.config, self.base.info.get("fingerprint"),
-                                       self.base.info.get("content"))  # before wrapping
+        self.base_info = self.base.describe()  # before wrapping
         if cfg.init_adapter is not None:  # start from it; a reference method keeps a copy of its tensors
             load_adapter(model, cfg.init_adapter, base_info=self.base_info,
                          ignore_base_mismatch=cfg.ignore_base_mismatch)

@@ -12,8 +12,9 @@ from ..plan import human, plan_training
 def memory_warning(cfg: TrainConfig, base: Base, seq_len: int) -> str | None:
     """A one-line warning when mlxlora.plan predicts a peak above this machine's memory, naming the flags
     that lower it; None when it fits or the planner cannot tell (an architecture it does not know)."""
-    if cfg.preference.method == "grpo":  # seq_len is the longest prompt; its completions come on top
-        seq_len = min(cfg.max_seq_length, seq_len + cfg.grpo.max_completion_length)
+    grpo = cfg.preference.method == "grpo"
+    if grpo:  # seq_len is the longest prompt; its completions come on top
+        seq_len = _group_length(cfg, seq_len)
     try:
         plan = plan_training(str(base.path), cfg.lora, batch_size=cfg.batch_size, max_seq_length=seq_len,
                              grad_checkpoint=cfg.grad_checkpoint, **_plan_kwargs(cfg, base))
@@ -22,12 +23,12 @@ def memory_warning(cfg: TrainConfig, base: Base, seq_len: int) -> str | None:
     if plan.fits is not False:
         return None
     fixes = [] if cfg.grad_checkpoint else ["--grad-checkpoint"]
-    if cfg.preference.method == "grpo":  # one group at a time: the batch of prompts does not matter
+    if grpo:  # one group at a time: the batch of prompts does not matter
         fixes.append(f"a smaller --group-size (now {cfg.grpo.group_size}) or --max-completion-length (now "
                      f"{cfg.grpo.max_completion_length})")
-    elif cfg.batch_size > 1:
-        fixes.append(f"a smaller --batch-size (now {cfg.batch_size}; --grad-accum keeps the effective batch)")
-    if cfg.preference.method != "grpo":
+    else:
+        if cfg.batch_size > 1:
+            fixes.append(f"a smaller --batch-size (now {cfg.batch_size}; --grad-accum keeps the effective batch)")
         fixes.append(f"a smaller --max-seq-length (longest batch now {seq_len} tokens)")
     if not (base.config.get("quantization") or cfg.quantize):
         fixes.append("--quantize 4")
@@ -53,11 +54,8 @@ def auto_fit(cfg: TrainConfig, base: Base) -> tuple[TrainConfig, str]:
     from ..plan import suggest_fit
 
     memory = int(cfg.memory_limit * 2**30) if cfg.memory_limit else None
-    # GRPO trains one group at a time whatever the batch of prompts: its batch size is kept (at most), the
-    # fit is in checkpointing and length
-    most = {"max_batch": cfg.batch_size} if cfg.preference.method == "grpo" else {}
     fit = suggest_fit(str(base.path), cfg.lora, memory_bytes=memory, max_seq_length=cfg.max_seq_length,
-                      **most, **_plan_kwargs(cfg, base))
+                      batch_size=cfg.batch_size, **_plan_kwargs(cfg, base))
     if fit.batch_size == 0:
         raise ModelError(f"--auto-fit: not even a batch of 1 x 64 tokens fits in {human(fit.plan.memory_bytes)}; "
                          "add --quantize 4 or adapt fewer layers (--target, --layers)")
@@ -109,9 +107,13 @@ def batch_shapes(cfg: TrainConfig, batches) -> list[tuple[int, int]]:
     """(rows, tokens) of each micro-batch a step trains: the (x, y, mask) batches' shapes; for GRPO, whose
     batches are prompt rows, one group per prompt: group_size rows of the prompt and the longest completion."""
     if cfg.preference.method == "grpo":
-        g = cfg.grpo
-        return [(g.group_size, min(cfg.max_seq_length, len(r.ids) + g.max_completion_length)) for r in batches]
+        return [(cfg.grpo.group_size, _group_length(cfg, len(r.ids))) for r in batches]
     return [tuple(b[0].shape[:2]) for b in batches]
+
+
+def _group_length(cfg: TrainConfig, prompt_len: int) -> int:
+    """The longest sequence of a GRPO group: its prompt and a whole completion, within --max-seq-length."""
+    return min(cfg.max_seq_length, prompt_len + cfg.grpo.max_completion_length)
 
 
 def resume_hint(cfg: TrainConfig, run_dir) -> str:
